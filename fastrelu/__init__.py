@@ -1,0 +1,29 @@
+"""fastrelu: fused, compiled kernels for the ReLU family of activation functions.
+
+Forward ops return the activation; backward ops return the gradient with respect to the input
+(and, for PReLU, the weight).  Every op takes ``out=`` and works in place; NumPy arrays run on the
+CPU kernels.  The exact semantics (NaN, signed zeros, infinities) match PyTorch.
+"""
+from ._api import (
+    elu,
+    elu_backward,
+    leaky_relu,
+    leaky_relu_backward,
+    prelu,
+    prelu_backward,
+    relu,
+    relu_backward,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "relu",
+    "relu_backward",
+    "leaky_relu",
+    "leaky_relu_backward",
+    "prelu",
+    "prelu_backward",
+    "elu",
+    "elu_backward",
+]

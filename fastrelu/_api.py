@@ -1,0 +1,250 @@
+"""The public ops: every argument is validated here, before anything is written, and the call is
+routed by array kind (NumPy -> CPU kernels, CUDA arrays -> GPU kernels).  The backends trust what
+they are given."""
+import math
+import numbers
+import operator
+
+import numpy as np
+
+from . import _cpu
+
+try:
+    from numpy.exceptions import AxisError
+except ImportError:  # NumPy < 1.25
+    from numpy import AxisError
+
+RELU, LEAKY, ELU = 0, 1, 2  # the kernels' op codes; PReLU is LEAKY with per-channel slopes
+
+_FLOAT_DTYPES = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64))
+_PYTHON_VALUES = (list, tuple, int, float)
+
+
+# ---- arrays -------------------------------------------------------------------------------------
+
+
+def _native(dtype):
+    return dtype if dtype.isnative else dtype.newbyteorder("=")
+
+
+def _array_dtype(name, a):
+    """The float dtype of an array argument, or TypeError naming it."""
+    dt = _native(a.dtype)
+    if dt in _FLOAT_DTYPES:
+        return dt
+    if dt.kind in "biuf":
+        raise TypeError(
+            f"{name} has dtype {dt}; fastrelu computes in float16, float32 or float64: "
+            f"cast it first, e.g. {name}.astype(np.float32)"
+        )
+    raise TypeError(f"{name} has dtype {dt}, which is not a real floating-point type")
+
+
+def _from_python(name, value, dtype):
+    """A Python number or (nested) list of numbers as an array of `dtype`."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number or an array of them, not a bool")
+    try:
+        arr = np.asarray(value)
+        if arr.dtype.kind == "O":
+            arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be an array of real numbers: {exc}") from None
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must contain real numbers, not {arr.dtype} values")
+    return arr.astype(dtype)
+
+
+def _host_arrays(named, dtype=None):
+    """Validates host array arguments [(name, value)] and returns them as ndarrays of one float
+    dtype.  NumPy arrays (and array-likes) set the dtype and must agree; Python numbers and lists
+    take it (float64 when nothing sets it)."""
+    arrays = {}
+    for name, value in named:
+        if isinstance(value, np.ndarray):
+            arrays[name] = value
+        elif not isinstance(value, _PYTHON_VALUES):
+            try:
+                arrays[name] = np.asarray(value)
+            except Exception as exc:
+                raise TypeError(f"{name} is not an array: {exc}") from None
+    for name, arr in arrays.items():
+        dt = _array_dtype(name, arr)
+        if dtype is None:
+            dtype, first = dt, name
+        elif dt != dtype:
+            raise TypeError(f"{name} has dtype {dt} but {first} has dtype {dtype}; they must match")
+    if dtype is None:
+        dtype = np.dtype(np.float64)
+    return [arrays[name] if name in arrays else _from_python(name, value, dtype)
+            for name, value in named], dtype
+
+
+def _same_memory(a, b):
+    """True when a and b are the very same elements in the same order (in-place use)."""
+    return (
+        a.shape == b.shape
+        and a.strides == b.strides
+        and a.dtype.itemsize == b.dtype.itemsize
+        and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+    )
+
+
+def _check_out(name, out, shape, dtype, inputs):
+    """`out` must be a writable array of the result's shape and dtype that is either one of the
+    inputs itself (in place) or shares no memory with any of them."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array, not {type(out).__name__}")
+    if _native(out.dtype) != dtype:
+        raise TypeError(f"{name} has dtype {out.dtype} but the result has dtype {dtype}")
+    if out.shape != shape:
+        raise ValueError(f"{name} has shape {out.shape} but the result has shape {shape}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    for in_name, arr in inputs:
+        if out is not arr and np.may_share_memory(out, arr) and not _same_memory(out, arr):
+            raise ValueError(
+                f"{name} partially overlaps {in_name}; pass {in_name} itself to work in place, "
+                "or an array that shares no memory with it"
+            )
+
+
+# ---- scalars and axes ---------------------------------------------------------------------------
+
+
+def _real(name, value):
+    """A finite Python float from a real number (a 0-d real array is fine)."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, not {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _axis(name, axis, ndim):
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, not {type(axis).__name__}") from None
+    if not -ndim <= axis < ndim:
+        raise AxisError(f"{name} {axis} is out of bounds for an array of dimension {ndim}")
+    return axis % ndim
+
+
+def _prelu_weight(weight, shape, axis):
+    """Returns the channel axis the weight runs along, or None for a shared weight."""
+    if weight.ndim == 0 or weight.shape == (1,):
+        if len(shape) >= 2:
+            _axis("axis", axis, len(shape))
+        return None
+    if weight.ndim != 1:
+        raise ValueError(f"weight must have shape (), (1,) or (C,), got {weight.shape}")
+    if len(shape) < 2:
+        raise ValueError(
+            f"x with {len(shape)} dims has one channel, so weight must have one element "
+            f"(shape () or (1,)), got {weight.shape}"
+        )
+    axis = _axis("axis", axis, len(shape))
+    if weight.shape[0] != shape[axis]:
+        raise ValueError(
+            f"weight has {weight.shape[0]} elements but x has {shape[axis]} channels "
+            f"along axis {axis}"
+        )
+    return axis
+
+
+# ---- the ops ------------------------------------------------------------------------------------
+
+
+def _forward(op, x, out, p, weight=None, axis=None):
+    if weight is None:
+        (x,), dtype = _host_arrays([("x", x)])
+    else:
+        (x, weight), dtype = _host_arrays([("x", x), ("weight", weight)])
+        axis = _prelu_weight(weight, x.shape, axis)
+    if out is not None:
+        _check_out("out", out, x.shape, dtype, [("x", x)])
+    y, _ = _cpu.forward(op, x, out, p, weight, axis, False)
+    return y
+
+
+def _backward(op, grad, x, out, p, weight=None, axis=None, weight_out=None):
+    named = [("grad", grad), ("x", x)] + ([] if weight is None else [("weight", weight)])
+    arrays, dtype = _host_arrays(named)
+    grad, x = arrays[:2]
+    if grad.shape != x.shape:
+        raise ValueError(f"grad has shape {grad.shape} but x has shape {x.shape}")
+    if weight is not None:
+        weight = arrays[2]
+        axis = _prelu_weight(weight, x.shape, axis)
+    inputs = list(zip(("grad", "x", "weight"), arrays))
+    if out is not None:
+        _check_out("out", out, x.shape, dtype, inputs)
+    if weight_out is not None:
+        _check_out("out[1]", weight_out, weight.shape, dtype, inputs)
+        if out is not None and np.may_share_memory(out, weight_out):
+            raise ValueError("out[0] and out[1] overlap")
+    dx, wsums = _cpu.backward(op, grad, x, out, p, weight, axis, weight is not None)
+    if weight is None:
+        return dx
+    grad_weight = wsums.astype(dtype).reshape(weight.shape)
+    if weight_out is not None:
+        weight_out[...] = grad_weight
+        grad_weight = weight_out
+    return dx, grad_weight
+
+
+def relu(x, *, out=None):
+    """ReLU: ``x < 0 ? +0 : x`` elementwise (NaN and -0.0 pass through)."""
+    return _forward(RELU, x, out, 0.0)
+
+
+def leaky_relu(x, negative_slope=0.01, *, out=None):
+    """Leaky ReLU: ``x > 0 ? x : x * negative_slope`` elementwise."""
+    return _forward(LEAKY, x, out, _real("negative_slope", negative_slope))
+
+
+def prelu(x, weight, axis=1, *, out=None):
+    """PReLU: ``x > 0 ? x : weight[c] * x`` with c the index along the channel `axis`.
+
+    `weight` has shape (C,) with C == x.shape[axis], or one element (shape () or (1,)) shared by
+    every channel.  Inputs with fewer than 2 dims have one channel."""
+    return _forward(LEAKY, x, out, 0.0, weight, axis)
+
+
+def elu(x, alpha=1.0, *, out=None):
+    """ELU: ``x <= 0 ? alpha * expm1(x) : x`` elementwise."""
+    return _forward(ELU, x, out, _real("alpha", alpha))
+
+
+def relu_backward(grad, x, *, out=None):
+    """Gradient of relu w.r.t. x: ``x <= 0 ? 0 : grad``.  `x` may be relu's output instead."""
+    return _backward(RELU, grad, x, out, 0.0)
+
+
+def leaky_relu_backward(grad, x, negative_slope=0.01, *, out=None):
+    """Gradient of leaky_relu w.r.t. x: ``x > 0 ? grad : grad * negative_slope``.  With
+    negative_slope >= 0, `x` may be leaky_relu's output instead."""
+    return _backward(LEAKY, grad, x, out, _real("negative_slope", negative_slope))
+
+
+def prelu_backward(grad, x, weight, axis=1, *, out=None):
+    """Gradients of prelu: returns ``(grad_input, grad_weight)`` from one pass over the data.
+
+    ``grad_input = x > 0 ? grad : weight[c] * grad``; ``grad_weight[c]`` sums
+    ``x > 0 ? 0 : x * grad`` over channel c (accumulated in float64), in the weight's shape.
+    `out` is a pair ``(grad_input_out, grad_weight_out)``; either may be None.  With weights
+    >= 0, `x` may be prelu's output instead."""
+    if out is None:
+        out = (None, None)
+    elif not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError("out must be a pair (grad_input_out, grad_weight_out); either may be None")
+    return _backward(LEAKY, grad, x, out[0], 0.0, weight, axis, out[1])
+
+
+def elu_backward(grad, x, alpha=1.0, *, out=None):
+    """Gradient of elu w.r.t. x: ``x <= 0 ? grad * alpha * exp(x) : grad``."""
+    return _backward(ELU, grad, x, out, _real("alpha", alpha))

@@ -1,0 +1,351 @@
+/* fastrelu CPU kernels: the contract of every op, SIMD dispatch, and the OpenMP drivers.
+ *
+ * Layout of the work: an array of n elements in memory order is either
+ *   - "blocks": runs of `inner` elements that share one parameter, run r belonging to channel
+ *     r % C (the flat case is C = 1, inner = n), or
+ *   - "rows": a periodic pattern of period L, element k taking the parameter pw[k % L].
+ * Both split [0, n) into one contiguous range per thread, so threads never share a cache line of
+ * output, and gather per-channel sums into per-thread partials that are added in a fixed order.
+ *
+ * float16 is staged through small float32 buffers (it is computed in float32), so each op's loop
+ * exists only for float and double.
+ */
+#ifndef FASTRELU_KERNELS_H
+#define FASTRELU_KERNELS_H
+
+#include <math.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <immintrin.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if !defined(__x86_64__)
+#error "fastrelu's CPU kernels target x86-64"
+#endif
+#if !defined(__FLT16_MAX__)
+#error "fastrelu needs a C compiler with _Float16 support (GCC >= 12 or Clang >= 15)"
+#endif
+
+#define FR_CAT_(a, b) a##b
+#define FR_CAT(a, b) FR_CAT_(a, b)
+#define FR_INLINE inline __attribute__((always_inline))
+
+enum { FR_F16 = 0, FR_F32 = 1, FR_F64 = 2 };
+enum { FR_RELU = 0, FR_LEAKY = 1, FR_ELU = 2 };
+
+/* The contract (SEMANTICS.md), evaluated exactly as written: NaN, signed zeros and infinities
+ * follow from the comparisons.  p is negative_slope, the PReLU weight, or ELU's alpha. */
+#define FR_Y(op, v, p, T, EXPM1)                                                                \
+    ((op) == FR_RELU    ? ((v) < 0 ? (T)0 : (v))                                                \
+     : (op) == FR_LEAKY ? ((v) > 0 ? (v) : (v) * (p))                                           \
+                        : ((v) <= 0 ? (p) * EXPM1(v) : (v)))
+#define FR_DX(op, v, g, p, T, EXP)                                                              \
+    ((op) == FR_RELU    ? ((v) <= 0 ? (T)0 : (g))                                               \
+     : (op) == FR_LEAKY ? ((v) > 0 ? (g) : (g) * (p))                                           \
+                        : ((v) <= 0 ? (g) * (p) * EXP(v) : (g)))
+
+typedef struct {
+    int64_t (*fwd_flat[3])(const void *x, void *y, ptrdiff_t n, double p, int count);
+    double (*bwd_flat[3])(const void *g, const void *x, void *dx, ptrdiff_t n, double p, int wsum);
+    void (*fwd_rows[3])(const void *x, void *y, ptrdiff_t n, ptrdiff_t L, ptrdiff_t j0,
+                        const void *pw, int64_t *counts);
+    void (*bwd_rows[3])(const void *g, const void *x, void *dx, ptrdiff_t n, ptrdiff_t L,
+                        ptrdiff_t j0, const void *pw, double *wsums);
+} fr_loops;
+
+typedef struct {
+    const char *name;
+    fr_loops f32, f64;
+    void (*half_to_float)(const void *src, float *dst, ptrdiff_t n);
+    void (*float_to_half)(const float *src, void *dst, ptrdiff_t n);
+} fr_isa;
+
+/* The same loops for three instruction sets.  The baseline's half conversions are the
+ * compiler's _Float16 casts; the SIMD levels convert 16 or 8 lanes at a time. */
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
+#define FR_ISA avx512
+#include "_loops.h"
+#undef FR_ISA
+static void fr_half_to_float_avx512(const void *src, float *dst, ptrdiff_t n) {
+    const uint16_t *s = src;
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + i))));
+    for (; i < n; i++) dst[i] = (float)((const _Float16 *)src)[i];
+}
+static void fr_float_to_half_avx512(const float *src, void *dst, ptrdiff_t n) {
+    uint16_t *d = dst;
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(d + i),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) ((_Float16 *)dst)[i] = (_Float16)src[i];
+}
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define FR_ISA avx2
+#include "_loops.h"
+#undef FR_ISA
+static void fr_half_to_float_avx2(const void *src, float *dst, ptrdiff_t n) {
+    const uint16_t *s = src;
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+    for (; i < n; i++) dst[i] = (float)((const _Float16 *)src)[i];
+}
+static void fr_float_to_half_avx2(const float *src, void *dst, ptrdiff_t n) {
+    uint16_t *d = dst;
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(d + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) ((_Float16 *)dst)[i] = (_Float16)src[i];
+}
+#pragma GCC pop_options
+
+#define FR_ISA baseline
+#include "_loops.h"
+#undef FR_ISA
+static void fr_half_to_float_baseline(const void *src, float *dst, ptrdiff_t n) {
+    for (ptrdiff_t i = 0; i < n; i++) dst[i] = (float)((const _Float16 *)src)[i];
+}
+static void fr_float_to_half_baseline(const float *src, void *dst, ptrdiff_t n) {
+    for (ptrdiff_t i = 0; i < n; i++) ((_Float16 *)dst)[i] = (_Float16)src[i];
+}
+
+enum { FR_ISA_BASELINE = 0, FR_ISA_AVX2 = 1, FR_ISA_AVX512 = 2 };
+static const fr_isa fr_isas[3] = {
+    {"baseline", loops_f32_baseline, loops_f64_baseline, fr_half_to_float_baseline,
+     fr_float_to_half_baseline},
+    {"avx2", loops_f32_avx2, loops_f64_avx2, fr_half_to_float_avx2, fr_float_to_half_avx2},
+    {"avx512", loops_f32_avx512, loops_f64_avx512, fr_half_to_float_avx512,
+     fr_float_to_half_avx512},
+};
+static const fr_isa *fr_isa_in_use = &fr_isas[FR_ISA_BASELINE];
+
+static int fr_isa_supported(int level) {
+    __builtin_cpu_init();
+    if (level >= FR_ISA_AVX512 &&
+        !(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")))
+        return 0;
+    if (level >= FR_ISA_AVX2 && !(__builtin_cpu_supports("avx2") &&
+                                  __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
+        return 0;
+    return 1;
+}
+
+/* Picks the best level the CPU supports, at most `cap` (cap < 0: no cap). */
+static int fr_select_isa(int cap) {
+    int level = FR_ISA_AVX512;
+    if (cap >= 0 && cap < level) level = cap;
+    while (level > FR_ISA_BASELINE && !fr_isa_supported(level)) level--;
+    fr_isa_in_use = &fr_isas[level];
+    return level;
+}
+
+static const char *fr_isa_name(void) { return fr_isa_in_use->name; }
+
+/* ---- threads ----------------------------------------------------------------------------- */
+
+/* Below this many elements a kernel runs on the calling thread: waking the team costs more than
+ * the memory traffic it would share. */
+#define FR_PARALLEL_MIN_ELEMENTS ((ptrdiff_t)1 << 16)
+
+static int fr_default_threads = 1;   /* OpenMP's default when the module loaded */
+static int fr_requested_threads = 0; /* set_num_threads(); 0: follow OpenMP */
+static int fr_team_started = 0;      /* a threaded kernel has run in this process */
+static int fr_in_forked_child = 0;   /* forked after that: libgomp's team is gone, stay serial */
+
+static void fr_after_fork_in_child(void) {
+    if (__atomic_load_n(&fr_team_started, __ATOMIC_RELAXED)) fr_in_forked_child = 1;
+}
+
+static void fr_init_threads(void) {
+#ifdef _OPENMP
+    fr_default_threads = omp_get_max_threads();
+    pthread_atfork(NULL, NULL, fr_after_fork_in_child);
+#endif
+}
+
+/* OpenMP's own limit (OMP_NUM_THREADS, threadpoolctl) wins when it has been changed since load;
+ * otherwise an explicit set_num_threads() does. */
+static int fr_get_num_threads(void) {
+#ifdef _OPENMP
+    if (fr_in_forked_child) return 1;
+    int omp_limit = omp_get_max_threads();
+    if (fr_requested_threads > 0 && omp_limit == fr_default_threads) return fr_requested_threads;
+    return omp_limit;
+#else
+    return 1;
+#endif
+}
+
+static void fr_set_num_threads(int n) { fr_requested_threads = n; }
+
+static int fr_threads_for(ptrdiff_t n) {
+    if (n < FR_PARALLEL_MIN_ELEMENTS) return 1;
+    ptrdiff_t most = n / (FR_PARALLEL_MIN_ELEMENTS / 2);
+    int nt = fr_get_num_threads();
+    return most < nt ? (int)most : nt;
+}
+
+/* Thread t's range [*a, *b) of n elements: equal shares, rounded to 64 elements so that the
+ * boundaries fall on cache lines. */
+static void fr_share(ptrdiff_t n, int t, int nt, ptrdiff_t *a, ptrdiff_t *b) {
+    ptrdiff_t chunk = ((n + nt - 1) / nt + 63) & ~(ptrdiff_t)63;
+    *a = (ptrdiff_t)t * chunk < n ? (ptrdiff_t)t * chunk : n;
+    *b = *a + chunk < n ? *a + chunk : n;
+}
+
+#ifdef _OPENMP
+#define FR_PARALLEL(nt, t, ...)                                                                \
+    do {                                                                                        \
+        if ((nt) == 1) {                                                                        \
+            const int t = 0;                                                                    \
+            __VA_ARGS__;                                                                        \
+        } else {                                                                                \
+            __atomic_store_n(&fr_team_started, 1, __ATOMIC_RELAXED);                            \
+            _Pragma("omp parallel num_threads(nt)") {                                          \
+                const int t = omp_get_thread_num();                                             \
+                __VA_ARGS__;                                                                    \
+            }                                                                                   \
+        }                                                                                       \
+    } while (0)
+#else
+#define FR_PARALLEL(nt, t, ...)                                                                \
+    do {                                                                                        \
+        const int t = 0;                                                                        \
+        __VA_ARGS__;                                                                            \
+    } while (0)
+#endif
+
+/* ---- one thread's share: type dispatch and float16 staging -------------------------------- */
+
+#define FR_STAGE 1024 /* float16 elements converted per step: the buffers stay in L1 */
+
+static size_t fr_itemsize(int dt) { return dt == FR_F16 ? 2 : dt == FR_F32 ? 4 : 8; }
+
+/* One call of an op: what to compute, and over which layout. */
+typedef struct {
+    int dt, op, backward;
+    const char *g, *x; /* g: the incoming gradient (backward only) */
+    char *y;           /* the output: y, or dx */
+    ptrdiff_t n;
+    ptrdiff_t C, inner; /* blocks layout; inner == 0 selects the rows layout */
+    ptrdiff_t L;        /* rows layout */
+    double p;
+    const void *pw;
+    void *sums; /* int64 positive counts (forward) or double weight-gradient sums (backward) */
+} fr_job;
+
+static size_t fr_sums_len(const fr_job *job) { return job->inner ? job->C : job->L; }
+
+typedef union {
+    int64_t count; /* forward: elements > 0 */
+    double wsum;   /* backward: sum of x*g over elements not > 0 */
+} fr_sum;
+
+/* m contiguous elements already in the compute type.  Blocks: all take p, and the sum is returned
+ * when `want_sum`; rows: the first is column col, and sums go to row_sums when not NULL. */
+static fr_sum fr_run_native(const fr_job *job, const fr_loops *loops, const void *g,
+                            const void *x, void *y, ptrdiff_t m, double p, ptrdiff_t col,
+                            int want_sum, void *row_sums) {
+    fr_sum r = {0};
+    if (job->inner && !job->backward)
+        r.count = loops->fwd_flat[job->op](x, y, m, p, want_sum);
+    else if (job->inner)
+        r.wsum = loops->bwd_flat[job->op](g, x, y, m, p, want_sum);
+    else if (!job->backward)
+        loops->fwd_rows[job->op](x, y, m, job->L, col, job->pw, row_sums);
+    else
+        loops->bwd_rows[job->op](g, x, y, m, job->L, col, job->pw, row_sums);
+    return r;
+}
+
+/* n contiguous elements from element `at`; float16 goes through float32 buffers. */
+static fr_sum fr_run_stretch(const fr_job *job, ptrdiff_t at, ptrdiff_t n, double p,
+                             int want_sum, void *row_sums) {
+    const fr_isa *isa = fr_isa_in_use;
+    const size_t isz = fr_itemsize(job->dt);
+    const char *g = job->g ? job->g + at * isz : NULL, *x = job->x + at * isz;
+    char *y = job->y + at * isz;
+    const ptrdiff_t col = job->inner ? 0 : at % job->L;
+    if (job->dt != FR_F16)
+        return fr_run_native(job, job->dt == FR_F64 ? &isa->f64 : &isa->f32, g, x, y, n, p, col,
+                             want_sum, row_sums);
+    float gbuf[FR_STAGE], xbuf[FR_STAGE];
+    fr_sum total = {0};
+    for (ptrdiff_t s = 0; s < n; s += FR_STAGE) {
+        ptrdiff_t m = n - s < FR_STAGE ? n - s : FR_STAGE;
+        if (g) isa->half_to_float(g + 2 * s, gbuf, m);
+        isa->half_to_float(x + 2 * s, xbuf, m);
+        fr_sum r = fr_run_native(job, &isa->f32, gbuf, xbuf, xbuf, m, p,
+                                 job->inner ? 0 : (col + s) % job->L, want_sum, row_sums);
+        if (job->backward)
+            total.wsum += r.wsum;
+        else
+            total.count += r.count;
+        isa->float_to_half(xbuf, y + 2 * s, m);
+    }
+    return total;
+}
+
+/* Elements [a, b) of the job; sums: this thread's partials, or NULL. */
+static void fr_run_share(const fr_job *job, ptrdiff_t a, ptrdiff_t b, void *sums) {
+    if (!job->inner) {
+        if (b > a) fr_run_stretch(job, a, b - a, 0.0, 0, sums);
+        return;
+    }
+    for (ptrdiff_t pos = a; pos < b;) { /* one run of `inner` elements of channel c at a time */
+        ptrdiff_t run = pos / job->inner, c = run % job->C;
+        ptrdiff_t end = (run + 1) * job->inner < b ? (run + 1) * job->inner : b;
+        double p = !job->pw            ? job->p
+                   : job->dt == FR_F64 ? ((const double *)job->pw)[c]
+                                       : ((const float *)job->pw)[c];
+        fr_sum r = fr_run_stretch(job, pos, end - pos, p, sums != NULL, NULL);
+        if (sums && job->backward)
+            ((double *)sums)[c] += r.wsum;
+        else if (sums)
+            ((int64_t *)sums)[c] += r.count;
+        pos = end;
+    }
+}
+
+/* Runs a job on the right number of threads.  Returns 0, or -1 when the per-thread partial sums
+ * could not be allocated.  job->sums (C or L entries, overwritten) may be NULL. */
+static int fr_run(const fr_job *job) {
+    const size_t len = fr_sums_len(job);
+    const int nt = fr_threads_for(job->n);
+    char *part = NULL; /* thread t > 0 sums into part[t-1]; thread 0 into job->sums */
+    if (job->sums) {
+        memset(job->sums, 0, len * 8);
+        if (nt > 1 && !(part = calloc((size_t)(nt - 1) * len, 8))) return -1;
+    }
+    FR_PARALLEL(nt, t, {
+        ptrdiff_t a, b;
+        fr_share(job->n, t, nt, &a, &b);
+        fr_run_share(job, a, b, !job->sums ? NULL : t == 0 ? job->sums : part + (t - 1) * len * 8);
+    });
+    if (part) {
+        for (int t = 1; t < nt; t++)
+            for (size_t c = 0; c < len; c++) {
+                if (job->backward)
+                    ((double *)job->sums)[c] += ((double *)part)[(t - 1) * len + c];
+                else
+                    ((int64_t *)job->sums)[c] += ((int64_t *)part)[(t - 1) * len + c];
+            }
+        free(part);
+    }
+    return 0;
+}
+
+#endif /* FASTRELU_KERNELS_H */

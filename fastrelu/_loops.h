@@ -1,0 +1,140 @@
+/* The contiguous inner loops, written once.
+ *
+ * _kernels.h includes this file once per instruction set, with FR_ISA naming it and
+ * `#pragma GCC target` set, so that the same source is compiled for AVX-512, AVX2 and the x86-64
+ * baseline.  The file then includes itself once per element type (float, double) to define the
+ * loops for FR_T.  Each loop is an always-inline template whose `op` and flag arguments are
+ * compile-time constants at every instantiation, so each op gets its own branch-free loop.
+ *
+ * "flat" loops give every element the same parameter p; "rows" loops give element k the
+ * parameter pw[(j0 + k) % L] (PReLU weights along rows, or one parameter per unit) and may gather
+ * per-column sums.  Statistics and weight gradients are gathered in the same pass.
+ */
+#ifndef FR_T
+
+#define FR_T float
+#define FR_SFX FR_CAT(_f32_, FR_ISA)
+#define FR_EXPM1 expm1f
+#define FR_EXP expf
+#include "_loops.h"
+#undef FR_T
+#undef FR_SFX
+#undef FR_EXPM1
+#undef FR_EXP
+
+#define FR_T double
+#define FR_SFX FR_CAT(_f64_, FR_ISA)
+#define FR_EXPM1 expm1
+#define FR_EXP exp
+#include "_loops.h"
+#undef FR_T
+#undef FR_SFX
+#undef FR_EXPM1
+#undef FR_EXP
+
+#else
+
+#define FR_FN(name) FR_CAT(name, FR_SFX)
+
+static FR_INLINE int64_t FR_FN(fwd_flat_t)(int op, const FR_T *x, FR_T *y, ptrdiff_t n, FR_T p,
+                                          int count) {
+    int64_t npos = 0;
+#pragma omp simd reduction(+ : npos)
+    for (ptrdiff_t i = 0; i < n; i++) {
+        FR_T v = x[i];
+        y[i] = FR_Y(op, v, p, FR_T, FR_EXPM1);
+        if (count) npos += v > 0;
+    }
+    return npos;
+}
+
+static FR_INLINE double FR_FN(bwd_flat_t)(int op, const FR_T *g, const FR_T *x, FR_T *dx,
+                                         ptrdiff_t n, FR_T p, int wsum) {
+    double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+    for (ptrdiff_t i = 0; i < n; i++) {
+        FR_T v = x[i], gi = g[i];
+        dx[i] = FR_DX(op, v, gi, p, FR_T, FR_EXP);
+        /* the products of two floats are exact in double, so only the sum rounds */
+        if (wsum) acc += v > 0 ? 0.0 : (double)v * (double)gi;
+    }
+    return acc;
+}
+
+/* One stretch of a periodic loop: columns j0 .. j0+n-1 of one row, n <= L - j0. */
+static FR_INLINE void FR_FN(fwd_row_t)(int op, const FR_T *x, FR_T *y, ptrdiff_t n,
+                                      const FR_T *pw, int64_t *counts, int count) {
+#pragma omp simd
+    for (ptrdiff_t j = 0; j < n; j++) {
+        FR_T v = x[j];
+        y[j] = FR_Y(op, v, pw[j], FR_T, FR_EXPM1);
+        if (count) counts[j] += v > 0;
+    }
+}
+
+static FR_INLINE void FR_FN(bwd_row_t)(int op, const FR_T *g, const FR_T *x, FR_T *dx,
+                                      ptrdiff_t n, const FR_T *pw, double *wsums, int wsum) {
+#pragma omp simd
+    for (ptrdiff_t j = 0; j < n; j++) {
+        FR_T v = x[j], gj = g[j];
+        dx[j] = FR_DX(op, v, gj, pw[j], FR_T, FR_EXP);
+        if (wsum) wsums[j] += v > 0 ? 0.0 : (double)v * (double)gj;
+    }
+}
+
+/* Walks n elements that start at column j0 of rows of length L, one row stretch at a time. */
+#define FR_FOR_ROW_STRETCHES(n, L, j0, BODY)                                                    \
+    for (ptrdiff_t k_ = 0, j_ = (j0); k_ < (n); j_ = 0) {                                       \
+        ptrdiff_t len_ = (L) - j_ < (n) - k_ ? (L) - j_ : (n) - k_;                             \
+        BODY;                                                                                   \
+        k_ += len_;                                                                             \
+    }
+
+/* The non-inline entry points, one per op: the signatures of fr_loops in _kernels.h. */
+#define FR_INSTANTIATE(OPNAME, OP)                                                              \
+    static int64_t FR_FN(FR_CAT(fwd_flat_, OPNAME))(const void *x, void *y, ptrdiff_t n,        \
+                                                   double p, int count) {                       \
+        return count ? FR_FN(fwd_flat_t)(OP, x, y, n, (FR_T)p, 1)                               \
+                     : FR_FN(fwd_flat_t)(OP, x, y, n, (FR_T)p, 0);                              \
+    }                                                                                           \
+    static double FR_FN(FR_CAT(bwd_flat_, OPNAME))(const void *g, const void *x, void *dx,      \
+                                                  ptrdiff_t n, double p, int wsum) {            \
+        return wsum ? FR_FN(bwd_flat_t)(OP, g, x, dx, n, (FR_T)p, 1)                            \
+                    : FR_FN(bwd_flat_t)(OP, g, x, dx, n, (FR_T)p, 0);                           \
+    }                                                                                           \
+    static void FR_FN(FR_CAT(fwd_rows_, OPNAME))(const void *x_, void *y_, ptrdiff_t n,         \
+                                                ptrdiff_t L, ptrdiff_t j0, const void *pw_,     \
+                                                int64_t *counts) {                              \
+        const FR_T *x = x_, *pw = pw_;                                                          \
+        FR_T *y = y_;                                                                           \
+        FR_FOR_ROW_STRETCHES(n, L, j0, if (counts) FR_FN(fwd_row_t)(OP, x + k_, y + k_, len_,   \
+                                                                    pw + j_, counts + j_, 1);   \
+                             else FR_FN(fwd_row_t)(OP, x + k_, y + k_, len_, pw + j_, 0, 0))    \
+    }                                                                                           \
+    static void FR_FN(FR_CAT(bwd_rows_, OPNAME))(const void *g_, const void *x_, void *dx_,     \
+                                                ptrdiff_t n, ptrdiff_t L, ptrdiff_t j0,         \
+                                                const void *pw_, double *wsums) {               \
+        const FR_T *g = g_, *x = x_, *pw = pw_;                                                 \
+        FR_T *dx = dx_;                                                                         \
+        FR_FOR_ROW_STRETCHES(n, L, j0, if (wsums) FR_FN(bwd_row_t)(OP, g + k_, x + k_, dx + k_, \
+                                                                   len_, pw + j_, wsums + j_, 1); \
+                             else FR_FN(bwd_row_t)(OP, g + k_, x + k_, dx + k_, len_, pw + j_,  \
+                                                   0, 0))                                       \
+    }
+
+FR_INSTANTIATE(relu, FR_RELU)
+FR_INSTANTIATE(leaky, FR_LEAKY)
+FR_INSTANTIATE(elu, FR_ELU)
+
+static const fr_loops FR_FN(loops) = {
+    {FR_FN(fwd_flat_relu), FR_FN(fwd_flat_leaky), FR_FN(fwd_flat_elu)},
+    {FR_FN(bwd_flat_relu), FR_FN(bwd_flat_leaky), FR_FN(bwd_flat_elu)},
+    {FR_FN(fwd_rows_relu), FR_FN(fwd_rows_leaky), FR_FN(fwd_rows_elu)},
+    {FR_FN(bwd_rows_relu), FR_FN(bwd_rows_leaky), FR_FN(bwd_rows_elu)},
+};
+
+#undef FR_INSTANTIATE
+#undef FR_FOR_ROW_STRETCHES
+#undef FR_FN
+
+#endif /* FR_T */
