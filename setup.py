@@ -12,7 +12,7 @@ compile_args = ["-O3", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]
 if sys.platform != "linux":
     raise SystemExit("fastrelu's CPU kernels build on Linux x86-64 with GCC or Clang")
 
-extension = Extension(
+kernels = Extension(
     "fastrelu._cpu",
     sources=["fastrelu/_cpu.pyx"],
     depends=["fastrelu/_kernels.h", "fastrelu/_loops.h"],
@@ -22,4 +22,7 @@ extension = Extension(
     extra_link_args=["-fopenmp"],
 )
 
-setup(ext_modules=cythonize([extension], compiler_directives={"language_level": "3"}))
+# The argument checks are plain Python, compiled too: they run on every call.
+api = Extension("fastrelu._api", sources=["fastrelu/_api.py"])
+
+setup(ext_modules=cythonize([kernels, api], compiler_directives={"language_level": "3"}))

@@ -16,22 +16,18 @@ except ImportError:  # NumPy < 1.25
 
 RELU, LEAKY, ELU = 0, 1, 2  # the kernels' op codes; PReLU is LEAKY with per-channel slopes
 
-_FLOAT_DTYPES = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64))
+_FLOAT_DTYPES = {c: np.dtype(c) for c in "efd"}  # float16, float32, float64 by type character
 _PYTHON_VALUES = (list, tuple, int, float)
 
 
 # ---- arrays -------------------------------------------------------------------------------------
 
 
-def _native(dtype):
-    return dtype if dtype.isnative else dtype.newbyteorder("=")
-
-
 def _array_dtype(name, a):
-    """The float dtype of an array argument, or TypeError naming it."""
-    dt = _native(a.dtype)
-    if dt in _FLOAT_DTYPES:
-        return dt
+    """The (native) float dtype of an array argument, or TypeError naming it."""
+    dt = a.dtype
+    if dt.kind == "f" and dt.char in _FLOAT_DTYPES:
+        return _FLOAT_DTYPES[dt.char]
     if dt.kind in "biuf":
         raise TypeError(
             f"{name} has dtype {dt}; fastrelu computes in float16, float32 or float64: "
@@ -55,39 +51,33 @@ def _from_python(name, value, dtype):
     return arr.astype(dtype)
 
 
-def _host_arrays(named, dtype=None):
+def _host_arrays(named):
     """Validates host array arguments [(name, value)] and returns them as ndarrays of one float
-    dtype.  NumPy arrays (and array-likes) set the dtype and must agree; Python numbers and lists
-    take it (float64 when nothing sets it)."""
-    arrays = {}
+    dtype, with that dtype.  NumPy arrays (and array-likes) set the dtype and must agree; Python
+    numbers and lists take it (float64 when nothing sets it)."""
+    arrays = []
+    dtype = first = None
     for name, value in named:
-        if isinstance(value, np.ndarray):
-            arrays[name] = value
-        elif not isinstance(value, _PYTHON_VALUES):
+        if not isinstance(value, np.ndarray):
+            if isinstance(value, _PYTHON_VALUES):
+                arrays.append(None)  # converted below, once the dtype is known
+                continue
             try:
-                arrays[name] = np.asarray(value)
+                value = np.asarray(value)
             except Exception as exc:
                 raise TypeError(f"{name} is not an array: {exc}") from None
-    for name, arr in arrays.items():
-        dt = _array_dtype(name, arr)
+        dt = _array_dtype(name, value)
         if dtype is None:
             dtype, first = dt, name
-        elif dt != dtype:
+        elif dt is not dtype:
             raise TypeError(f"{name} has dtype {dt} but {first} has dtype {dtype}; they must match")
+        arrays.append(value)
     if dtype is None:
-        dtype = np.dtype(np.float64)
-    return [arrays[name] if name in arrays else _from_python(name, value, dtype)
-            for name, value in named], dtype
-
-
-def _same_memory(a, b):
-    """True when a and b are the very same elements in the same order (in-place use)."""
-    return (
-        a.shape == b.shape
-        and a.strides == b.strides
-        and a.dtype.itemsize == b.dtype.itemsize
-        and a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
-    )
+        dtype = _FLOAT_DTYPES["d"]
+    for i, arr in enumerate(arrays):
+        if arr is None:
+            arrays[i] = _from_python(named[i][0], named[i][1], dtype)
+    return arrays, dtype
 
 
 def _check_out(name, out, shape, dtype, inputs):
@@ -95,14 +85,15 @@ def _check_out(name, out, shape, dtype, inputs):
     inputs itself (in place) or shares no memory with any of them."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a NumPy array, not {type(out).__name__}")
-    if _native(out.dtype) != dtype:
-        raise TypeError(f"{name} has dtype {out.dtype} but the result has dtype {dtype}")
+    out_dtype = out.dtype
+    if out_dtype.char != dtype.char or out_dtype.kind != "f":
+        raise TypeError(f"{name} has dtype {out_dtype} but the result has dtype {dtype}")
     if out.shape != shape:
         raise ValueError(f"{name} has shape {out.shape} but the result has shape {shape}")
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
     for in_name, arr in inputs:
-        if out is not arr and np.may_share_memory(out, arr) and not _same_memory(out, arr):
+        if out is not arr and _cpu.memory_overlap(out, arr) == 2:
             raise ValueError(
                 f"{name} partially overlaps {in_name}; pass {in_name} itself to work in place, "
                 "or an array that shares no memory with it"
@@ -185,7 +176,7 @@ def _backward(op, grad, x, out, p, weight=None, axis=None, weight_out=None):
         _check_out("out", out, x.shape, dtype, inputs)
     if weight_out is not None:
         _check_out("out[1]", weight_out, weight.shape, dtype, inputs)
-        if out is not None and np.may_share_memory(out, weight_out):
+        if out is not None and _cpu.memory_overlap(out, weight_out):
             raise ValueError("out[0] and out[1] overlap")
     dx, wsums = _cpu.backward(op, grad, x, out, p, weight, axis, weight is not None)
     if weight is None:

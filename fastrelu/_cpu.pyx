@@ -30,8 +30,6 @@ cdef extern from "_kernels.h" nogil:
     int FR_ISA_BASELINE, FR_ISA_AVX2, FR_ISA_AVX512
     Py_ssize_t FR_PARALLEL_MIN_ELEMENTS
 
-# the C kernels' dtype codes, by NumPy type character
-cdef dict _DTYPE_CODE = {"e": 0, "f": 1, "d": 2}
 # Rows layouts shorter than this are repeated to it, so each loop runs over enough lanes.
 cdef Py_ssize_t _MIN_ROW = 64
 # Channel runs at least this long take the blocks layout (one parameter per run); shorter runs
@@ -72,18 +70,64 @@ cdef inline char *_data(cnp.ndarray a):
     return <char *>cnp.PyArray_DATA(a)
 
 
-cdef cnp.ndarray _contiguous(a):
+cdef inline int _dtype_code(cnp.ndarray a):
+    """The C kernels' dtype code (FR_F16, FR_F32, FR_F64)."""
+    cdef int t = cnp.PyArray_TYPE(a)
+    return 2 if t == cnp.NPY_DOUBLE else 1 if t == cnp.NPY_FLOAT else 0
+
+
+cdef void _extent(cnp.ndarray a, Py_ssize_t *lo, Py_ssize_t *hi):
+    """The bytes [lo, hi) spanned by a non-empty array."""
+    cdef Py_ssize_t first = <Py_ssize_t>cnp.PyArray_DATA(a), last = first, step
+    cdef int d
+    for d in range(cnp.PyArray_NDIM(a)):
+        step = cnp.PyArray_STRIDES(a)[d] * (cnp.PyArray_DIMS(a)[d] - 1)
+        if step < 0:
+            first += step
+        else:
+            last += step
+    lo[0] = first
+    hi[0] = last + cnp.PyArray_ITEMSIZE(a)
+
+
+def memory_overlap(cnp.ndarray a, cnp.ndarray b):
+    """0: a and b share no memory; 1: they are the same elements in the same order (in place);
+    2: they overlap otherwise."""
+    cdef Py_ssize_t lo_a, hi_a, lo_b, hi_b
+    cdef int d
+    if cnp.PyArray_SIZE(a) == 0 or cnp.PyArray_SIZE(b) == 0:
+        return 0
+    _extent(a, &lo_a, &hi_a)
+    _extent(b, &lo_b, &hi_b)
+    if hi_a <= lo_b or hi_b <= lo_a:
+        return 0
+    if (cnp.PyArray_DATA(a) == cnp.PyArray_DATA(b) and cnp.PyArray_NDIM(a) == cnp.PyArray_NDIM(b)
+            and cnp.PyArray_ITEMSIZE(a) == cnp.PyArray_ITEMSIZE(b)):
+        for d in range(cnp.PyArray_NDIM(a)):
+            if (cnp.PyArray_DIMS(a)[d] != cnp.PyArray_DIMS(b)[d]
+                    or (cnp.PyArray_STRIDES(a)[d] != cnp.PyArray_STRIDES(b)[d]
+                        and cnp.PyArray_DIMS(a)[d] > 1)):
+                break
+        else:
+            return 1
+    try:  # the spans meet: interleaved views may still be disjoint
+        return 2 if np.shares_memory(a, b, max_work=1 << 20) else 0
+    except np.exceptions.TooHardError:
+        return 2
+
+
+cdef cnp.ndarray _contiguous(cnp.ndarray a):
     """`a` itself when C-contiguous in native byte order, else a copy that is."""
-    if cnp.PyArray_ISCARRAY_RO(a) and a.dtype.isnative:
+    if cnp.PyArray_ISCARRAY_RO(a) and cnp.PyArray_ISNOTSWAPPED(a):
         return a
     return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))
 
 
 cdef cnp.ndarray _target(cnp.ndarray x, out):
     """Where the kernel writes: `out` itself when it can, else a new C-contiguous array."""
-    if out is not None and cnp.PyArray_ISCARRAY(out) and out.dtype.isnative:
+    if out is not None and cnp.PyArray_ISCARRAY(out) and cnp.PyArray_ISNOTSWAPPED(out):
         return out
-    return np.empty((<object>x).shape, dtype=x.dtype)
+    return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
 
 
 cdef _run(int op, bint backward, cnp.ndarray g, cnp.ndarray x, cnp.ndarray y, double p,
@@ -94,13 +138,13 @@ cdef _run(int op, bint backward, cnp.ndarray g, cnp.ndarray x, cnp.ndarray y, do
     cdef fr_job job
     cdef cnp.ndarray pw = None, sums = None
     cdef Py_ssize_t C = 1, inner, period, reps
-    job.dt = _DTYPE_CODE[x.dtype.char]
+    job.dt = _dtype_code(x)
     job.op = op
     job.backward = backward
     job.g = _data(g) if g is not None else NULL
     job.x = _data(x)
     job.y = _data(y)
-    job.n = x.size
+    job.n = cnp.PyArray_SIZE(x)
     job.p = p
     job.pw = NULL
     job.sums = NULL
@@ -166,16 +210,18 @@ cdef tuple _fortran_as_c(arrays, axis):
     return flipped, axis
 
 
-def _all_fortran(arrays):
+cdef bint _all_fortran(tuple arrays):
+    """True when every array given is Fortran-ordered and not also C-ordered."""
     for a in arrays:
-        if a is not None and not (a.flags.f_contiguous and not a.flags.c_contiguous):
+        if a is not None and not (cnp.PyArray_IS_F_CONTIGUOUS(a)
+                                  and not cnp.PyArray_IS_C_CONTIGUOUS(a)):
             return False
     return True
 
 
-def forward(int op, x, out, double p, weight, axis, bint want_counts):
+def forward(int op, cnp.ndarray x, out, double p, weight, axis, bint want_counts):
     """y = op(x) into `out` (or a new array); returns (y, positive counts per channel or None)."""
-    transposed = x.ndim > 1 and _all_fortran((x, out))
+    cdef bint transposed = cnp.PyArray_NDIM(x) > 1 and _all_fortran((x, out))
     if transposed:
         (x, out), axis = _fortran_as_c((x, out), axis)
     cdef cnp.ndarray xc = _contiguous(x)
@@ -187,9 +233,10 @@ def forward(int op, x, out, double p, weight, axis, bint want_counts):
     return (y.T if transposed else y), counts
 
 
-def backward(int op, grad, x, out, double p, weight, axis, bint want_wsums):
+def backward(int op, cnp.ndarray grad, cnp.ndarray x, out, double p, weight, axis,
+             bint want_wsums):
     """dx into `out` (or a new array); returns (dx, weight-gradient sums per channel or None)."""
-    transposed = x.ndim > 1 and _all_fortran((x, grad, out))
+    cdef bint transposed = cnp.PyArray_NDIM(x) > 1 and _all_fortran((x, grad, out))
     if transposed:
         (x, grad, out), axis = _fortran_as_c((x, grad, out), axis)
     cdef cnp.ndarray xc = _contiguous(x)
