@@ -14,6 +14,7 @@ from ._api import (
     relu,
     relu_backward,
 )
+from ._runtime import get_num_threads, info, set_num_threads
 
 __version__ = "0.1.0"
 
@@ -26,4 +27,7 @@ __all__ = [
     "prelu_backward",
     "elu",
     "elu_backward",
+    "get_num_threads",
+    "set_num_threads",
+    "info",
 ]

@@ -50,6 +50,18 @@ def _select_simd():
 _select_simd()
 
 
+def _threads_from_environment():
+    requested = os.environ.get("FASTRELU_NUM_THREADS", "").strip()
+    if not requested:
+        return
+    if not requested.isdigit() or int(requested) < 1:
+        raise ValueError(f"FASTRELU_NUM_THREADS must be a positive integer, not {requested!r}")
+    fr_set_num_threads(int(requested))
+
+
+_threads_from_environment()
+
+
 def simd_level():
     """The instruction set the kernels run with: 'avx512', 'avx2' or 'baseline'."""
     return fr_isa_name().decode()

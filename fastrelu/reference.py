@@ -4,11 +4,24 @@ Each is written straight from the contract (conditions evaluated exactly as writ
 signed zeros and infinities follow from them), the way people write these ops in NumPy today.
 float16 is computed in float32, like the kernels.  No validation: pass NumPy float arrays.
 """
+import functools
+
 import numpy as np
 
 
+def _quiet(op):
+    """Overflow to inf and NaN inputs are part of the contract, not events to warn about."""
+
+    @functools.wraps(op)
+    def quiet(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return op(*args, **kwargs)
+
+    return quiet
+
+
 def _compute_dtype(x):
-    return np.float32 if x.dtype == np.float16 else x.dtype
+    return np.float32 if x.dtype == np.float16 else x.dtype.type
 
 
 def _channel_shape(weight, x, axis):
@@ -21,38 +34,44 @@ def _channel_shape(weight, x, axis):
     return w.reshape(shape)
 
 
+@_quiet
 def relu(x):
     return np.where(x < 0, x.dtype.type(0), x)
 
 
+@_quiet
 def leaky_relu(x, negative_slope=0.01):
     c = _compute_dtype(x)
     xc = x.astype(c)
     return np.where(xc > 0, xc, xc * c(negative_slope)).astype(x.dtype)
 
 
+@_quiet
 def prelu(x, weight, axis=1):
     xc = x.astype(_compute_dtype(x))
     return np.where(xc > 0, xc, _channel_shape(weight, x, axis) * xc).astype(x.dtype)
 
 
+@_quiet
 def elu(x, alpha=1.0):
     c = _compute_dtype(x)
     xc = x.astype(c)
-    with np.errstate(over="ignore", invalid="ignore"):
-        return np.where(xc <= 0, c(alpha) * np.expm1(xc), xc).astype(x.dtype)
+    return np.where(xc <= 0, c(alpha) * np.expm1(xc), xc).astype(x.dtype)
 
 
+@_quiet
 def relu_backward(grad, x):
     return np.where(x <= 0, grad.dtype.type(0), grad)
 
 
+@_quiet
 def leaky_relu_backward(grad, x, negative_slope=0.01):
     c = _compute_dtype(x)
     gc = grad.astype(c)
     return np.where(x > 0, gc, gc * c(negative_slope)).astype(x.dtype)
 
 
+@_quiet
 def prelu_backward(grad, x, weight, axis=1):
     """Returns (grad_input, grad_weight); grad_weight is summed in float64, in weight's shape."""
     c = _compute_dtype(x)
@@ -67,8 +86,8 @@ def prelu_backward(grad, x, weight, axis=1):
     return grad_input, np.asarray(grad_weight).astype(x.dtype).reshape(weight.shape)
 
 
+@_quiet
 def elu_backward(grad, x, alpha=1.0):
     c = _compute_dtype(x)
     gc, xc = grad.astype(c), x.astype(c)
-    with np.errstate(over="ignore", invalid="ignore"):
-        return np.where(xc <= 0, gc * c(alpha) * np.exp(xc), gc).astype(x.dtype)
+    return np.where(xc <= 0, gc * c(alpha) * np.exp(xc), gc).astype(x.dtype)
