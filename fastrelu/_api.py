@@ -42,8 +42,6 @@ def _from_python(name, value, dtype):
         raise TypeError(f"{name} must be a real number or an array of them, not a bool")
     try:
         arr = np.asarray(value)
-        if arr.dtype.kind == "O":
-            arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} must be an array of real numbers: {exc}") from None
     if arr.dtype.kind not in "iuf":

@@ -1,0 +1,245 @@
+"""Threads, SIMD levels, fork safety, import cost, and indexing past 2^31 elements."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import fastrelu
+from conftest import assert_bitwise
+from fastrelu import reference
+
+
+def run_python(code, env=None, timeout=120):
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                         text=True, env=full_env, timeout=timeout)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+@pytest.fixture
+def threads():
+    before = fastrelu.get_num_threads()
+    yield
+    fastrelu.set_num_threads(before)
+
+
+def test_results_do_not_depend_on_thread_count(threads):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((7, 33, 1500)).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    w = rng.random(33).astype(np.float32)
+    results = []
+    for n in (1, 2, 3):
+        fastrelu.set_num_threads(n)
+        assert fastrelu.get_num_threads() == n
+        results.append((fastrelu.leaky_relu(x), fastrelu.elu_backward(g, x),
+                        *fastrelu.prelu_backward(g, x, w)))
+    for other in results[1:]:
+        for a, b in zip(results[0][:3], other[:3]):
+            assert_bitwise(a, b)
+        np.testing.assert_allclose(results[0][3], other[3], rtol=1e-6)
+
+
+def test_concurrent_calls_share_inputs_safely():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((16, 40000)).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    w = rng.random(16).astype(np.float32)
+    expected = reference.prelu_backward(g, x, w, 0)
+    errors = []
+
+    def work():
+        try:
+            for _ in range(5):
+                dx, dw = fastrelu.prelu_backward(g, x, w, 0)
+                assert_bitwise(dx, expected[0])
+                np.testing.assert_allclose(dw, expected[1], rtol=1e-6)
+                assert_bitwise(fastrelu.relu(x), reference.relu(x))
+        except Exception as exc:  # reported below, in the main thread
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work) for _ in range(8)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert not errors, errors[0]
+
+
+def test_kernels_release_the_gil():
+    # a Python thread keeps counting while a long kernel runs in another thread
+    x = np.random.default_rng(2).standard_normal(2**25).astype(np.float32)
+    ticks = []
+    done = threading.Event()
+
+    def count():
+        while not done.is_set():
+            ticks.append(1)
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    try:
+        for _ in range(5):
+            before = len(ticks)
+            fastrelu.elu(x)
+            if len(ticks) > before:
+                break
+    finally:
+        done.set()
+        counter.join()
+    assert len(ticks) > before
+
+
+def test_thread_count_from_the_environment():
+    code = "import fastrelu; print(fastrelu.get_num_threads())"
+    assert run_python(code, {"FASTRELU_NUM_THREADS": "3"}) == "3"
+    assert run_python(code, {"OMP_NUM_THREADS": "1", "FASTRELU_NUM_THREADS": ""}) == "1"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "FASTRELU_NUM_THREADS": "zero"})
+    assert res.returncode != 0 and "FASTRELU_NUM_THREADS must be a positive integer" in res.stderr
+
+
+def test_threadpoolctl_limits_are_obeyed(threads):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    fastrelu.relu(np.zeros(1))  # the OpenMP runtime is loaded with the extension
+    default = fastrelu.get_num_threads()
+    with threadpoolctl.threadpool_limits(limits=1):
+        assert fastrelu.get_num_threads() == 1
+    assert fastrelu.get_num_threads() == default
+    fastrelu.set_num_threads(5)
+    with threadpoolctl.threadpool_limits(limits=1):
+        assert fastrelu.get_num_threads() == 1
+    assert fastrelu.get_num_threads() == 5
+
+
+def test_fork_after_threaded_kernel_does_not_hang():
+    code = """
+        import multiprocessing as mp
+        import numpy as np
+        import fastrelu
+
+        def child(_):
+            x = np.linspace(-1, 1, 1 << 20, dtype=np.float32)
+            return float(fastrelu.relu(x).sum())
+
+        if __name__ == "__main__":
+            fastrelu.set_num_threads(2)
+            x = np.linspace(-1, 1, 1 << 20, dtype=np.float32)
+            expected = float(fastrelu.relu(x).sum())  # runs the OpenMP team in the parent
+            with mp.get_context("fork").Pool(2) as pool:
+                results = pool.map(child, range(4))
+            assert results == [expected] * 4, (results, expected)
+            print("ok")
+    """
+    assert run_python(code, timeout=60) == "ok"
+
+
+SIMD_CHECK = """
+    import json
+    import numpy as np
+    import fastrelu
+    from fastrelu import reference
+    ok = True
+    rng = np.random.default_rng(0)
+    for dt in (np.float16, np.float32, np.float64):
+        for n in (5, 15, 17, 63, 1000, 70001):
+            x = (rng.standard_normal(n) * 3).astype(dt)
+            x[:4] = [np.nan, -0.0, np.inf, -np.inf]
+            g = rng.standard_normal(n).astype(dt)
+            pairs = [
+                (fastrelu.relu(x), reference.relu(x)),
+                (fastrelu.leaky_relu(x, 0.2), reference.leaky_relu(x, 0.2)),
+                (fastrelu.relu_backward(g, x), reference.relu_backward(g, x)),
+                (fastrelu.leaky_relu_backward(g, x, 0.2), reference.leaky_relu_backward(g, x, 0.2)),
+            ]
+            x2 = x[: n // 5 * 5].reshape(-1, 5)
+            w = np.linspace(-1, 1, 5).astype(dt)
+            pairs.append((fastrelu.prelu(x2, w, -1), reference.prelu(x2, w, -1)))
+            pairs.append((fastrelu.prelu_backward(g[: x2.size].reshape(x2.shape), x2, w, -1)[0],
+                          reference.prelu_backward(g[: x2.size].reshape(x2.shape), x2, w, -1)[0]))
+            for a, b in pairs:
+                nan = np.isnan(b)
+                ok &= bool((np.isnan(a) == nan).all()) and a.tobytes() == np.where(nan, a, b).tobytes()
+            e, re = fastrelu.elu(x), reference.elu(x)
+            ok &= bool(np.allclose(e, re, rtol=4e-3 if dt == np.float16 else 1e-6, equal_nan=True))
+    print(json.dumps({"simd": fastrelu.info()["simd"], "ok": ok}))
+"""
+
+
+@pytest.mark.parametrize("level", ["baseline", "avx2", "avx512"])
+def test_every_simd_level(level):
+    result = json.loads(run_python(SIMD_CHECK, {"FASTRELU_SIMD": level}))
+    assert result["ok"]
+    supported = ["baseline"] + [lvl for lvl in ("avx2", "avx512")
+                                if lvl in _cpu_levels()]
+    assert result["simd"] == (level if level in supported else supported[-1])
+
+
+def _cpu_levels():
+    flags = open("/proc/cpuinfo").read().split()
+    levels = []
+    if {"avx2", "fma", "f16c"} <= set(flags):
+        levels.append("avx2")
+        if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= set(flags):
+            levels.append("avx512")
+    return levels
+
+
+def test_bad_simd_setting():
+    res = subprocess.run([sys.executable, "-c", "import fastrelu"], capture_output=True,
+                         text=True, env={**os.environ, "FASTRELU_SIMD": "sse9"})
+    assert res.returncode != 0 and "FASTRELU_SIMD must be one of" in res.stderr
+
+
+def test_import_is_light():
+    code = """
+        import sys, time
+        t = time.perf_counter()
+        import fastrelu
+        elapsed = time.perf_counter() - t
+        heavy = [m for m in ("numba", "torch", "matplotlib", "cupy", "scipy") if m in sys.modules]
+        print(heavy, elapsed)
+    """
+    heavy, elapsed = run_python(code).rsplit(" ", 1)
+    assert heavy == "[]"
+
+
+def test_info_reports_the_machine():
+    info = fastrelu.info()
+    assert info["simd"] in ("baseline", "avx2", "avx512")
+    assert info["threads"] == fastrelu.get_num_threads() >= 1
+    assert info["fastrelu"] == fastrelu.__version__
+    assert "available" in info["gpu"]
+    out = subprocess.run([sys.executable, "-m", "fastrelu", "info"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "simd" in out.stdout
+
+
+def _free_memory_gib():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+@pytest.mark.skipif(_free_memory_gib() < 14, reason="needs about 12 GiB of free memory")
+def test_more_than_2_to_the_31_elements():
+    n = 2**31 + 1000
+    x = np.zeros(n, np.float16)  # 4 GiB, in place
+    x[-3:] = [-2.0, 3.0, -0.5]
+    x[2**31 - 1: 2**31 + 1] = [-4.0, 5.0]
+    fastrelu.leaky_relu(x, 0.5, out=x)
+    assert x[-3:].tolist() == [-1.0, 3.0, -0.25]
+    assert x[2**31 - 1: 2**31 + 1].tolist() == [-2.0, 5.0]
+    _, dw = fastrelu.prelu_backward(x, x, np.float16(0.5))
+    # x * grad with grad = x over the elements not > 0: (-1)^2 + (-0.25)^2 + (-2)^2
+    assert dw == np.float16(5.0625)
+    del x
