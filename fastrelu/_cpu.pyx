@@ -11,6 +11,9 @@ from libc.stdint cimport int64_t
 
 cnp.import_array()
 
+cdef extern from "numpy/ndarraytypes.h":
+    enum: NPY_HALF  # not in Cython's numpy declarations
+
 cdef extern from "_kernels.h" nogil:
     ctypedef struct fr_job:
         int dt, op, backward
@@ -21,7 +24,8 @@ cdef extern from "_kernels.h" nogil:
         double p
         const void *pw
         void *sums
-    int fr_run(const fr_job *job)
+        int stream
+    int fr_run(fr_job *job)
     void fr_init_threads()
     int fr_select_isa(int cap)
     const char *fr_isa_name()
@@ -100,6 +104,45 @@ cdef void _extent(cnp.ndarray a, Py_ssize_t *lo, Py_ssize_t *hi):
             last += step
     lo[0] = first
     hi[0] = last + cnp.PyArray_ITEMSIZE(a)
+
+
+cdef inline bint _plain_float(a, int typenum, int ndim, cnp.npy_intp *dims):
+    """a is an ndarray of type `typenum` (or any float type when typenum < 0) in native byte
+    order with the given shape."""
+    if type(a) is not np.ndarray:
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    cdef int t = cnp.PyArray_TYPE(arr)
+    if not (t == cnp.NPY_FLOAT or t == cnp.NPY_DOUBLE or t == NPY_HALF):
+        return False
+    if (typenum >= 0 and t != typenum) or not cnp.PyArray_ISNOTSWAPPED(arr):
+        return False
+    if dims != NULL:
+        if cnp.PyArray_NDIM(arr) != ndim:
+            return False
+        for d in range(ndim):
+            if cnp.PyArray_DIMS(arr)[d] != dims[d]:
+                return False
+    return True
+
+
+def is_plain_call(x, out, grad=None):
+    """True for the common call that needs no conversion and cannot fail: NumPy float arrays of
+    one dtype and shape, and an `out` that is writable and either x (or grad) itself or disjoint
+    from them.  Anything else goes through the full checks, which also word the errors."""
+    if not _plain_float(x, -1, 0, NULL):
+        return False
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef int t = cnp.PyArray_TYPE(xa), nd = cnp.PyArray_NDIM(xa)
+    if grad is not None and not _plain_float(grad, t, nd, cnp.PyArray_DIMS(xa)):
+        return False
+    if out is None:
+        return True
+    if not _plain_float(out, t, nd, cnp.PyArray_DIMS(xa)) or not cnp.PyArray_ISWRITEABLE(out):
+        return False
+    if out is not x and memory_overlap(out, x) != 0:
+        return False
+    return grad is None or out is grad or memory_overlap(out, grad) == 0
 
 
 def memory_overlap(cnp.ndarray a, cnp.ndarray b):
@@ -210,6 +253,12 @@ cdef _run(int op, bint backward, cnp.ndarray g, cnp.ndarray x, cnp.ndarray y, do
     if fold is not None:
         sums = sums.reshape(fold).sum(axis=(0, 2))
     return sums
+
+
+def copy(cnp.ndarray src, cnp.ndarray dst):
+    """dst[...] = src for C-contiguous arrays of one dtype, through the kernels' own threads and
+    stores: the benchmarks' memory-copy roofline."""
+    _run(3, False, None, src, dst, 0.0, None, None, False)
 
 
 cdef tuple _fortran_as_c(arrays, axis):

@@ -36,25 +36,94 @@
 #define FR_INLINE inline __attribute__((always_inline))
 
 enum { FR_F16 = 0, FR_F32 = 1, FR_F64 = 2 };
-enum { FR_RELU = 0, FR_LEAKY = 1, FR_ELU = 2 };
+enum { FR_RELU = 0, FR_LEAKY = 1, FR_ELU = 2, FR_COPY = 3 }; /* FR_COPY: the benchmarks' roofline */
 
 /* The contract (SEMANTICS.md), evaluated exactly as written: NaN, signed zeros and infinities
  * follow from the comparisons.  p is negative_slope, the PReLU weight, or ELU's alpha. */
 #define FR_Y(op, v, p, T, EXPM1)                                                                \
     ((op) == FR_RELU    ? ((v) < 0 ? (T)0 : (v))                                                \
      : (op) == FR_LEAKY ? ((v) > 0 ? (v) : (v) * (p))                                           \
-                        : ((v) <= 0 ? (p) * EXPM1(v) : (v)))
+     : (op) == FR_ELU   ? ((v) <= 0 ? (p) * EXPM1(v) : (v))                                     \
+                        : (v))
 #define FR_DX(op, v, g, p, T, EXP)                                                              \
     ((op) == FR_RELU    ? ((v) <= 0 ? (T)0 : (g))                                               \
      : (op) == FR_LEAKY ? ((v) > 0 ? (g) : (g) * (p))                                           \
-                        : ((v) <= 0 ? (g) * (p) * EXP(v) : (g)))
+     : (op) == FR_ELU   ? ((v) <= 0 ? (g) * (p) * EXP(v) : (g))                                 \
+                        : (g))
+
+/* ---- exp and expm1 that vectorize ------------------------------------------------------------
+ * ELU evaluates exp/expm1 only where x <= 0, but a vector loop computes both sides of the select,
+ * and libm's scalar calls stop the loop from vectorizing.  These are branch-free: x is clamped to
+ * [lo, 0] (positive x gives 0 and NaN gives lo: the select discards those), reduced as
+ * x = n*ln2 + r with |r| <= ln2/2 (Cody-Waite), and e^r - 1 comes from its Taylor series, to
+ * within 2 ulp of the correctly rounded result (tests/test_elu_accuracy.py).  2^n is built in the
+ * exponent bits; exp's results below the normal range are scaled in two steps so that subnormal
+ * results round once.
+ */
+#define FR_DEFINE_EXP(T, U, SUFFIX, MANT, BIAS, ROUND, LN2_HI, LN2_LO, LOG2E, EXP_LO, EXPM1_LO,   \
+                      TAYLOR)                                                                   \
+    static FR_INLINE T fr_pow2##SUFFIX(U n) { /* 2^n for normal results */                        \
+        U bits = (n + BIAS) << MANT;                                                            \
+        T r;                                                                                    \
+        memcpy(&r, &bits, sizeof r);                                                            \
+        return r;                                                                               \
+    }                                                                                           \
+    /* n = round(x / ln2) (as an integer and as T) and r = x - n*ln2, for x in [EXP_LO, 0] */   \
+    static FR_INLINE T fr_reduce##SUFFIX(T x, U *n, T *nf) {                                    \
+        T shifted = x * LOG2E + ROUND; /* the rounding constant leaves n in the low bits */     \
+        U sb, rb;                                                                               \
+        T round_ = ROUND;                                                                       \
+        memcpy(&sb, &shifted, sizeof sb);                                                       \
+        memcpy(&rb, &round_, sizeof rb);                                                        \
+        *n = sb - rb;                                                                           \
+        *nf = shifted - ROUND;                                                                  \
+        return (x - *nf * LN2_HI) - *nf * LN2_LO;                                               \
+    }                                                                                           \
+    static FR_INLINE T fr_expm1_reduced##SUFFIX(T r) { /* e^r - 1 = r * (1 + r/2 + ...) */      \
+        static const T c[] = TAYLOR;                                                            \
+        T q = c[0];                                                                             \
+        for (unsigned i = 1; i < sizeof c / sizeof c[0]; i++) q = q * r + c[i];                 \
+        return r * q;                                                                           \
+    }                                                                                           \
+    static FR_INLINE T fr_exp##SUFFIX(T x) {                                                    \
+        T t = x > 0 ? 0 : x > EXP_LO ? x : EXP_LO, nf;                                          \
+        U n;                                                                                    \
+        T r = fr_reduce##SUFFIX(t, &n, &nf);                                                    \
+        T er = fr_expm1_reduced##SUFFIX(r) + 1;                                                 \
+        U half = n >> 1; /* two normal factors, so results below the normal range round once */ \
+        return er * fr_pow2##SUFFIX(half) * fr_pow2##SUFFIX(n - half);                          \
+    }                                                                                           \
+    static FR_INLINE T fr_expm1##SUFFIX(T x) {                                                  \
+        T t = x > 0 ? 0 : x > EXPM1_LO ? x : EXPM1_LO, nf;                                      \
+        U n;                                                                                    \
+        T r = fr_reduce##SUFFIX(t, &n, &nf);                                                    \
+        T em1 = fr_expm1_reduced##SUFFIX(r), scale = fr_pow2##SUFFIX(n);                        \
+        /* n == 0 keeps e^r - 1 itself, so tiny and signed-zero x come out exact */              \
+        return n == 0 ? em1 : scale * em1 + (scale - 1);                                        \
+    }
+
+/* Taylor coefficients of (e^r - 1)/r = 1 + r/2! + r^2/3! + ..., highest first */
+#define FR_TAYLOR_F32                                                                           \
+    { 1.0f / 40320, 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 1.0f / 2, 1.0f }
+#define FR_TAYLOR_F64                                                                           \
+    { 1.0 / 1307674368000.0, 1.0 / 87178291200.0, 1.0 / 6227020800.0, 1.0 / 479001600.0,          \
+      1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0,             \
+      1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 1.0 / 2.0, 1.0 }
+
+/* ln2 = LN2_HI + LN2_LO, both positive so that r keeps the sign of a zero x; LN2_HI has trailing
+ * zero bits, so n * LN2_HI is exact.  e^-104 and e^-745.2 round to 0; e^-20 - 1 and e^-40 - 1 to -1. */
+FR_DEFINE_EXP(float, int32_t, f, 23, 127, 12582912.0f, 6.9314575195e-01f, 1.4286067653e-06f,
+              1.44269504088896341f, -104.0f, -20.0f, FR_TAYLOR_F32)
+FR_DEFINE_EXP(double, int64_t, d, 52, 1023, 6755399441055744.0, 6.93147180369123816490e-01,
+              1.90821492927058770002e-10, 1.44269504088896338700e+00, -745.2, -40.0,
+              FR_TAYLOR_F64)
 
 typedef struct {
-    int64_t (*fwd_flat[3])(const void *x, void *y, ptrdiff_t n, double p, int count);
-    double (*bwd_flat[3])(const void *g, const void *x, void *dx, ptrdiff_t n, double p, int wsum);
-    void (*fwd_rows[3])(const void *x, void *y, ptrdiff_t n, ptrdiff_t L, ptrdiff_t j0,
+    int64_t (*fwd_flat[4])(const void *x, void *y, ptrdiff_t n, double p, int count);
+    double (*bwd_flat[4])(const void *g, const void *x, void *dx, ptrdiff_t n, double p, int wsum);
+    void (*fwd_rows[4])(const void *x, void *y, ptrdiff_t n, ptrdiff_t L, ptrdiff_t j0,
                         const void *pw, int64_t *counts);
-    void (*bwd_rows[3])(const void *g, const void *x, void *dx, ptrdiff_t n, ptrdiff_t L,
+    void (*bwd_rows[4])(const void *g, const void *x, void *dx, ptrdiff_t n, ptrdiff_t L,
                         ptrdiff_t j0, const void *pw, double *wsums);
 } fr_loops;
 
@@ -63,10 +132,13 @@ typedef struct {
     fr_loops f32, f64;
     void (*half_to_float)(const void *src, float *dst, ptrdiff_t n);
     void (*float_to_half)(const float *src, void *dst, ptrdiff_t n);
+    void (*stream_copy)(char *dst, const char *src, size_t nbytes);
 } fr_isa;
 
 /* The same loops for three instruction sets.  The baseline's half conversions are the
- * compiler's _Float16 casts; the SIMD levels convert 16 or 8 lanes at a time. */
+ * compiler's _Float16 casts; the SIMD levels convert 16 or 8 lanes at a time.  stream_copy writes
+ * with non-temporal stores, which skip reading the destination's cache lines before overwriting
+ * them (write-allocate): a third less memory traffic for outputs far larger than the caches. */
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
 #define FR_ISA avx512
@@ -86,6 +158,14 @@ static void fr_float_to_half_avx512(const float *src, void *dst, ptrdiff_t n) {
         _mm256_storeu_si256((__m256i *)(d + i),
                             _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
     for (; i < n; i++) ((_Float16 *)dst)[i] = (_Float16)src[i];
+}
+static void fr_stream_copy_avx512(char *dst, const char *src, size_t nbytes) {
+    size_t head = (size_t)(-(uintptr_t)dst & 63), i;
+    head = head < nbytes ? head : nbytes;
+    memcpy(dst, src, head);
+    for (i = head; i + 64 <= nbytes; i += 64)
+        _mm512_stream_si512((void *)(dst + i), _mm512_loadu_si512((const void *)(src + i)));
+    memcpy(dst + i, src + i, nbytes - i);
 }
 #pragma GCC pop_options
 
@@ -109,6 +189,14 @@ static void fr_float_to_half_avx2(const float *src, void *dst, ptrdiff_t n) {
                          _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
     for (; i < n; i++) ((_Float16 *)dst)[i] = (_Float16)src[i];
 }
+static void fr_stream_copy_avx2(char *dst, const char *src, size_t nbytes) {
+    size_t head = (size_t)(-(uintptr_t)dst & 31), i;
+    head = head < nbytes ? head : nbytes;
+    memcpy(dst, src, head);
+    for (i = head; i + 32 <= nbytes; i += 32)
+        _mm256_stream_si256((__m256i *)(dst + i), _mm256_loadu_si256((const __m256i *)(src + i)));
+    memcpy(dst + i, src + i, nbytes - i);
+}
 #pragma GCC pop_options
 
 #define FR_ISA baseline
@@ -120,14 +208,23 @@ static void fr_half_to_float_baseline(const void *src, float *dst, ptrdiff_t n) 
 static void fr_float_to_half_baseline(const float *src, void *dst, ptrdiff_t n) {
     for (ptrdiff_t i = 0; i < n; i++) ((_Float16 *)dst)[i] = (_Float16)src[i];
 }
+static void fr_stream_copy_baseline(char *dst, const char *src, size_t nbytes) {
+    size_t head = (size_t)(-(uintptr_t)dst & 15), i;
+    head = head < nbytes ? head : nbytes;
+    memcpy(dst, src, head);
+    for (i = head; i + 16 <= nbytes; i += 16)
+        _mm_stream_si128((__m128i *)(dst + i), _mm_loadu_si128((const __m128i *)(src + i)));
+    memcpy(dst + i, src + i, nbytes - i);
+}
 
 enum { FR_ISA_BASELINE = 0, FR_ISA_AVX2 = 1, FR_ISA_AVX512 = 2 };
 static const fr_isa fr_isas[3] = {
     {"baseline", loops_f32_baseline, loops_f64_baseline, fr_half_to_float_baseline,
-     fr_float_to_half_baseline},
-    {"avx2", loops_f32_avx2, loops_f64_avx2, fr_half_to_float_avx2, fr_float_to_half_avx2},
+     fr_float_to_half_baseline, fr_stream_copy_baseline},
+    {"avx2", loops_f32_avx2, loops_f64_avx2, fr_half_to_float_avx2, fr_float_to_half_avx2,
+     fr_stream_copy_avx2},
     {"avx512", loops_f32_avx512, loops_f64_avx512, fr_half_to_float_avx512,
-     fr_float_to_half_avx512},
+     fr_float_to_half_avx512, fr_stream_copy_avx512},
 };
 static const fr_isa *fr_isa_in_use = &fr_isas[FR_ISA_BASELINE];
 
@@ -157,8 +254,8 @@ static const char *fr_isa_name(void) { return fr_isa_in_use->name; }
 /* ---- threads ----------------------------------------------------------------------------- */
 
 /* Below this many elements a kernel runs on the calling thread: waking the team costs more than
- * the memory traffic it would share. */
-#define FR_PARALLEL_MIN_ELEMENTS ((ptrdiff_t)1 << 16)
+ * the memory traffic it would share (measured: two threads win from about 32K float32 elements). */
+#define FR_PARALLEL_MIN_ELEMENTS ((ptrdiff_t)1 << 15)
 
 static int fr_default_threads = 1;   /* OpenMP's default when the module loaded */
 static int fr_requested_threads = 0; /* set_num_threads(); 0: follow OpenMP */
@@ -190,6 +287,12 @@ static int fr_get_num_threads(void) {
 }
 
 static void fr_set_num_threads(int n) { fr_requested_threads = n; }
+
+/* Outputs at least this large are written with non-temporal stores: they cannot stay in cache
+ * anyway, and skipping write-allocate saves a third of the memory traffic. */
+#ifndef FR_STREAM_MIN_BYTES
+#define FR_STREAM_MIN_BYTES ((size_t)64 << 20)
+#endif
 
 static int fr_threads_for(ptrdiff_t n) {
     if (n < FR_PARALLEL_MIN_ELEMENTS) return 1;
@@ -245,6 +348,7 @@ typedef struct {
     double p;
     const void *pw;
     void *sums; /* int64 positive counts (forward) or double weight-gradient sums (backward) */
+    int stream; /* write the output with non-temporal stores (set by fr_run) */
 } fr_job;
 
 static size_t fr_sums_len(const fr_job *job) { return job->inner ? job->C : job->L; }
@@ -271,30 +375,47 @@ static fr_sum fr_run_native(const fr_job *job, const fr_loops *loops, const void
     return r;
 }
 
-/* n contiguous elements from element `at`; float16 goes through float32 buffers. */
+/* n contiguous elements from element `at`.  Runs in place on the arrays, or in stages through
+ * L1-sized buffers: float16 is converted to float32 and back, and streamed outputs are computed
+ * into a buffer and then written with non-temporal stores. */
 static fr_sum fr_run_stretch(const fr_job *job, ptrdiff_t at, ptrdiff_t n, double p,
                              int want_sum, void *row_sums) {
     const fr_isa *isa = fr_isa_in_use;
     const size_t isz = fr_itemsize(job->dt);
+    const int half = job->dt == FR_F16;
+    const fr_loops *loops = job->dt == FR_F64 ? &isa->f64 : &isa->f32;
     const char *g = job->g ? job->g + at * isz : NULL, *x = job->x + at * isz;
     char *y = job->y + at * isz;
     const ptrdiff_t col = job->inner ? 0 : at % job->L;
-    if (job->dt != FR_F16)
-        return fr_run_native(job, job->dt == FR_F64 ? &isa->f64 : &isa->f32, g, x, y, n, p, col,
-                             want_sum, row_sums);
+    if (!half && !job->stream)
+        return fr_run_native(job, loops, g, x, y, n, p, col, want_sum, row_sums);
     float gbuf[FR_STAGE], xbuf[FR_STAGE];
+    _Alignas(64) char ybuf[FR_STAGE * sizeof(double) + 64];
     fr_sum total = {0};
-    for (ptrdiff_t s = 0; s < n; s += FR_STAGE) {
-        ptrdiff_t m = n - s < FR_STAGE ? n - s : FR_STAGE;
-        if (g) isa->half_to_float(g + 2 * s, gbuf, m);
-        isa->half_to_float(x + 2 * s, xbuf, m);
-        fr_sum r = fr_run_native(job, &isa->f32, gbuf, xbuf, xbuf, m, p,
+    /* stages after the first start on a cache line of the output, so that streamed stores never
+     * share a line with ordinary ones */
+    const ptrdiff_t first = FR_STAGE - (ptrdiff_t)(((uintptr_t)y & 63) / isz);
+    for (ptrdiff_t s = 0, m; s < n; s += m) {
+        m = s == 0 ? first : FR_STAGE;
+        m = n - s < m ? n - s : m;
+        const void *gs = g ? g + s * isz : NULL, *xs = x + s * isz;
+        /* the staged output sits at the destination's offset within a cache line, so that the
+         * non-temporal copy's loads are aligned like its stores */
+        char *ystage = ybuf + ((uintptr_t)(y + s * isz) & 63);
+        void *ys = job->stream ? (void *)ystage : (void *)(y + s * isz);
+        if (half) {
+            if (g) isa->half_to_float(gs, gbuf, m);
+            isa->half_to_float(xs, xbuf, m);
+            gs = gbuf, xs = xbuf;
+        }
+        fr_sum r = fr_run_native(job, loops, gs, xs, half ? xbuf : ys, m, p,
                                  job->inner ? 0 : (col + s) % job->L, want_sum, row_sums);
         if (job->backward)
             total.wsum += r.wsum;
         else
             total.count += r.count;
-        isa->float_to_half(xbuf, y + 2 * s, m);
+        if (half) isa->float_to_half(xbuf, ys, m);
+        if (job->stream) isa->stream_copy(y + s * isz, ystage, (size_t)m * isz);
     }
     return total;
 }
@@ -322,8 +443,9 @@ static void fr_run_share(const fr_job *job, ptrdiff_t a, ptrdiff_t b, void *sums
 
 /* Runs a job on the right number of threads.  Returns 0, or -1 when the per-thread partial sums
  * could not be allocated.  job->sums (C or L entries, overwritten) may be NULL. */
-static int fr_run(const fr_job *job) {
+static int fr_run(fr_job *job) {
     const size_t len = fr_sums_len(job);
+    job->stream = (size_t)job->n * fr_itemsize(job->dt) >= FR_STREAM_MIN_BYTES;
     const int nt = fr_threads_for(job->n);
     char *part = NULL; /* thread t > 0 sums into part[t-1]; thread 0 into job->sums */
     if (job->sums) {
@@ -334,6 +456,7 @@ static int fr_run(const fr_job *job) {
         ptrdiff_t a, b;
         fr_share(job->n, t, nt, &a, &b);
         fr_run_share(job, a, b, !job->sums ? NULL : t == 0 ? job->sums : part + (t - 1) * len * 8);
+        if (job->stream) _mm_sfence(); /* streamed stores are visible before the team joins */
     });
     if (part) {
         for (int t = 1; t < nt; t++)

@@ -14,8 +14,8 @@
 
 #define FR_T float
 #define FR_SFX FR_CAT(_f32_, FR_ISA)
-#define FR_EXPM1 expm1f
-#define FR_EXP expf
+#define FR_EXPM1 fr_expm1f
+#define FR_EXP fr_expf
 #include "_loops.h"
 #undef FR_T
 #undef FR_SFX
@@ -24,8 +24,8 @@
 
 #define FR_T double
 #define FR_SFX FR_CAT(_f64_, FR_ISA)
-#define FR_EXPM1 expm1
-#define FR_EXP exp
+#define FR_EXPM1 fr_expm1d
+#define FR_EXP fr_expd
 #include "_loops.h"
 #undef FR_T
 #undef FR_SFX
@@ -125,12 +125,13 @@ static FR_INLINE void FR_FN(bwd_row_t)(int op, const FR_T *g, const FR_T *x, FR_
 FR_INSTANTIATE(relu, FR_RELU)
 FR_INSTANTIATE(leaky, FR_LEAKY)
 FR_INSTANTIATE(elu, FR_ELU)
+FR_INSTANTIATE(copy, FR_COPY)
 
 static const fr_loops FR_FN(loops) = {
-    {FR_FN(fwd_flat_relu), FR_FN(fwd_flat_leaky), FR_FN(fwd_flat_elu)},
-    {FR_FN(bwd_flat_relu), FR_FN(bwd_flat_leaky), FR_FN(bwd_flat_elu)},
-    {FR_FN(fwd_rows_relu), FR_FN(fwd_rows_leaky), FR_FN(fwd_rows_elu)},
-    {FR_FN(bwd_rows_relu), FR_FN(bwd_rows_leaky), FR_FN(bwd_rows_elu)},
+    {FR_FN(fwd_flat_relu), FR_FN(fwd_flat_leaky), FR_FN(fwd_flat_elu), FR_FN(fwd_flat_copy)},
+    {FR_FN(bwd_flat_relu), FR_FN(bwd_flat_leaky), FR_FN(bwd_flat_elu), FR_FN(bwd_flat_copy)},
+    {FR_FN(fwd_rows_relu), FR_FN(fwd_rows_leaky), FR_FN(fwd_rows_elu), FR_FN(fwd_rows_copy)},
+    {FR_FN(bwd_rows_relu), FR_FN(bwd_rows_leaky), FR_FN(bwd_rows_elu), FR_FN(bwd_rows_copy)},
 };
 
 #undef FR_INSTANTIATE

@@ -16,8 +16,8 @@ def get_num_threads():
 
 
 def set_num_threads(n):
-    """Sets the threads that large CPU kernels use (arrays below about 64K elements run on the
-    calling thread)."""
+    """Sets the threads that large CPU kernels use (arrays below 32K elements run on the calling
+    thread)."""
     try:
         n = operator.index(n)
     except TypeError:
