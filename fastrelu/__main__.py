@@ -1,4 +1,5 @@
-"""Command line: ``fastrelu info`` (also ``python -m fastrelu info``)."""
+"""Command line: ``fastrelu bench`` (the benchmark report) and ``fastrelu info``; also
+``python -m fastrelu ...``."""
 import argparse
 import json
 import sys
@@ -11,12 +12,33 @@ def _info(args):
     return 0
 
 
+def _bench(args):
+    from . import bench
+
+    return bench.main(args)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastrelu", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="SIMD level, threads, versions and GPU backend state")
+    b = commands.add_parser(
+        "bench", help="time every op against a memory copy, NumPy, PyTorch and numexpr",
+        description="Times every op, forward and backward, side by side with a memory copy of "
+        "the same bytes (the roofline), the NumPy recipe, and PyTorch and numexpr when installed.")
+    b.add_argument("--quick", action="store_true", help="small sizes only, 3 repeats (< 20 s)")
+    b.add_argument("--sizes", help="comma-separated element counts, multiples of 1000, or "
+                   "'stream' (4x the last-level cache); default 1e3,1e5,1e6,stream")
+    b.add_argument("--ops", help="comma-separated subset of relu,leaky_relu,prelu,elu")
+    b.add_argument("--dtypes", help="comma-separated dtypes (default float32)")
+    b.add_argument("--threads", type=int, help="threads for fastrelu and its peers")
+    b.add_argument("--repeats", type=int, help="samples per measurement (default 7, quick 3)")
+    b.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
+    b.add_argument("--plot", metavar="PATH", help="write a PNG plot (needs matplotlib)")
+    b.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: the GPU backend on CuPy arrays")
     args = parser.parse_args(argv)
-    return {"info": _info}[args.command](args)
+    return {"info": _info, "bench": _bench}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -151,8 +151,12 @@ def _prelu_weight(weight, shape, axis):
 
 
 def _forward(op, x, out, p, weight=None, axis=None):
-    if weight is None and _cpu.is_plain_call(x, out):
-        return _cpu.forward(op, x, out, p, None, None, False)[0]
+    if _cpu.is_plain_call(x, out):  # the common call: nothing to convert, nothing can fail
+        if weight is None:
+            return _cpu.forward(op, x, out, p, None, None, False)[0]
+        plain_axis = _cpu.plain_prelu_axis(x, weight, axis)
+        if plain_axis is not None:
+            return _forward_prelu(op, x, out, weight, plain_axis)
     if weight is None:
         (x,), dtype = _host_arrays([("x", x)])
     else:
@@ -160,13 +164,25 @@ def _forward(op, x, out, p, weight=None, axis=None):
         axis = _prelu_weight(weight, x.shape, axis)
     if out is not None:
         _check_out("out", out, x.shape, dtype, [("x", x)])
-    y, _ = _cpu.forward(op, x, out, p, weight, axis, False)
-    return y
+    if weight is None:
+        return _cpu.forward(op, x, out, p, None, None, False)[0]
+    return _forward_prelu(op, x, out, weight, -1 if axis is None else axis)
+
+
+def _forward_prelu(op, x, out, weight, axis):
+    """axis: the channel axis, or -1 for one weight shared by every element."""
+    if axis < 0:
+        return _cpu.forward(op, x, out, float(weight.reshape(())), None, None, False)[0]
+    return _cpu.forward(op, x, out, 0.0, weight, axis, False)[0]
 
 
 def _backward(op, grad, x, out, p, weight=None, axis=None, weight_out=None):
-    if weight is None and _cpu.is_plain_call(x, out, grad):
-        return _cpu.backward(op, grad, x, out, p, None, None, False)[0]
+    if _cpu.is_plain_call(x, out, grad):  # the common call: nothing to convert, nothing can fail
+        if weight is None:
+            return _cpu.backward(op, grad, x, out, p, None, None)
+        plain_axis = _cpu.plain_prelu_axis(x, weight, axis, weight_out, out, grad)
+        if plain_axis is not None:
+            return _backward_prelu(op, grad, x, out, weight, plain_axis, weight_out)
     named = [("grad", grad), ("x", x)] + ([] if weight is None else [("weight", weight)])
     arrays, dtype = _host_arrays(named)
     grad, x = arrays[:2]
@@ -182,13 +198,19 @@ def _backward(op, grad, x, out, p, weight=None, axis=None, weight_out=None):
         _check_out("out[1]", weight_out, weight.shape, dtype, inputs)
         if out is not None and _cpu.memory_overlap(out, weight_out):
             raise ValueError("out[0] and out[1] overlap")
-    dx, wsums = _cpu.backward(op, grad, x, out, p, weight, axis, weight is not None)
     if weight is None:
-        return dx
-    grad_weight = wsums.astype(dtype).reshape(weight.shape)
-    if weight_out is not None:
-        weight_out[...] = grad_weight
-        grad_weight = weight_out
+        return _cpu.backward(op, grad, x, out, p, None, None)
+    return _backward_prelu(op, grad, x, out, weight, -1 if axis is None else axis, weight_out)
+
+
+def _backward_prelu(op, grad, x, out, weight, axis, weight_out):
+    """axis: the channel axis, or -1 for one weight shared by every element."""
+    dtype = x.dtype if x.dtype.isnative else x.dtype.newbyteorder("=")
+    grad_weight = np.empty(weight.shape, dtype) if weight_out is None else weight_out
+    if axis < 0:
+        dx = _cpu.backward(op, grad, x, out, float(weight.reshape(())), None, None, grad_weight)
+    else:
+        dx = _cpu.backward(op, grad, x, out, 0.0, weight, axis, grad_weight)
     return dx, grad_weight
 
 

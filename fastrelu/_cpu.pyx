@@ -20,11 +20,11 @@ cdef extern from "_kernels.h" nogil:
         const char *g
         const char *x
         char *y
-        Py_ssize_t n, C, inner, L
+        Py_ssize_t n, C, inner
         double p
         const void *pw
-        void *sums
-        int stream
+        int64_t *counts
+        void *grad_weight
     int fr_run(fr_job *job)
     void fr_init_threads()
     int fr_select_isa(int cap)
@@ -34,11 +34,6 @@ cdef extern from "_kernels.h" nogil:
     int FR_ISA_BASELINE, FR_ISA_AVX2, FR_ISA_AVX512
     Py_ssize_t FR_PARALLEL_MIN_ELEMENTS
 
-# Rows layouts shorter than this are repeated to it, so each loop runs over enough lanes.
-cdef Py_ssize_t _MIN_ROW = 64
-# Channel runs at least this long take the blocks layout (one parameter per run); shorter runs
-# are laid out as rows (one parameter per element of a row).
-cdef Py_ssize_t _MIN_RUN = 64
 
 fr_init_threads()
 _SIMD_LEVELS = {"baseline": FR_ISA_BASELINE, "avx2": FR_ISA_AVX2, "avx512": FR_ISA_AVX512}
@@ -145,6 +140,34 @@ def is_plain_call(x, out, grad=None):
     return grad is None or out is grad or memory_overlap(out, grad) == 0
 
 
+def plain_prelu_axis(x, weight, axis, weight_out=None, out=None, grad=None):
+    """For a plain call (see is_plain_call): the channel axis in [0, ndim) when `weight` is a
+    NumPy array of x's dtype with one element per channel along the integer `axis`, -1 when it
+    has one element (shared), else None: the call then goes through the full checks.
+    `weight_out` (backward) must be None or a plain writable array of weight's shape that
+    shares no memory with x, grad, out or weight."""
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef int nd = cnp.PyArray_NDIM(xa), ax
+    if not _plain_float(weight, cnp.PyArray_TYPE(xa), 0, NULL):
+        return None
+    cdef cnp.ndarray w = <cnp.ndarray>weight
+    if weight_out is not None:
+        if not (_plain_float(weight_out, cnp.PyArray_TYPE(xa), cnp.PyArray_NDIM(w),
+                             cnp.PyArray_DIMS(w)) and cnp.PyArray_ISWRITEABLE(weight_out)):
+            return None
+        for other in (x, grad, out, weight):
+            if other is not None and memory_overlap(weight_out, other) != 0:
+                return None
+    if type(axis) is not int:
+        return None
+    if cnp.PyArray_SIZE(w) == 1 and cnp.PyArray_NDIM(w) <= 1:
+        return -1 if nd < 2 or -nd <= axis < nd else None
+    if cnp.PyArray_NDIM(w) != 1 or nd < 2 or not -nd <= axis < nd:
+        return None
+    ax = axis % nd
+    return ax if cnp.PyArray_DIMS(w)[0] == cnp.PyArray_DIMS(xa)[ax] else None
+
+
 def memory_overlap(cnp.ndarray a, cnp.ndarray b):
     """0: a and b share no memory; 1: they are the same elements in the same order (in place);
     2: they overlap otherwise."""
@@ -186,13 +209,14 @@ cdef cnp.ndarray _target(cnp.ndarray x, out):
 
 
 cdef _run(int op, bint backward, cnp.ndarray g, cnp.ndarray x, cnp.ndarray y, double p,
-          weight, axis, bint want_sums):
-    """Runs one op over C-contiguous x (and g) into y.  With `weight` (one per channel along
-    `axis`) or `want_sums`, the channel layout along `axis` is used and the per-channel sums are
-    returned: positive counts (forward) or weight-gradient sums (backward)."""
+          weight, axis, cnp.ndarray counts, cnp.ndarray grad_weight):
+    """Runs one op over C-contiguous x (and g) into y.  With an `axis`, element k belongs to
+    channel k's index along it: `weight` (a parameter per channel) replaces p, and `counts`
+    (forward: int64 positives per channel) or `grad_weight` (backward: the weight gradient, in
+    x's dtype) are filled; each may be None."""
     cdef fr_job job
-    cdef cnp.ndarray pw = None, sums = None
-    cdef Py_ssize_t C = 1, inner, period, reps
+    cdef cnp.ndarray pw = None
+    cdef Py_ssize_t d
     job.dt = _dtype_code(x)
     job.op = op
     job.backward = backward
@@ -201,64 +225,31 @@ cdef _run(int op, bint backward, cnp.ndarray g, cnp.ndarray x, cnp.ndarray y, do
     job.y = _data(y)
     job.n = cnp.PyArray_SIZE(x)
     job.p = p
-    job.pw = NULL
-    job.sums = NULL
-    job.inner = job.n
     job.C = 1
-    job.L = 0
-    if job.n == 0:
-        return np.zeros(x.shape[axis] if axis is not None else 1,
-                        dtype=np.float64 if backward else np.int64) if want_sums else None
-    compute_dtype = np.float64 if job.dt == 2 else np.float32
-    fold = None
+    job.inner = job.n
     if axis is not None:
-        shape = (<object>x).shape
-        C = shape[axis]
-        inner = 1
-        for d in shape[axis + 1:]:
-            inner *= d
-        if weight is not None and weight.size == 1:
-            job.p = float(weight.reshape(()))
-            weight = None
-        if inner >= _MIN_RUN:
-            job.C, job.inner = C, inner
-            if weight is not None:
-                pw = np.ascontiguousarray(weight, dtype=compute_dtype)
-        else:
-            # rows of C*inner elements, repeated to at least _MIN_ROW
-            period = C * inner
-            reps = -(-_MIN_ROW // period)
-            if weight is not None:
-                pw = np.repeat(np.asarray(weight, dtype=compute_dtype).reshape(C), inner)
-            else:
-                pw = np.full(period, job.p, dtype=compute_dtype)
-            pw = np.tile(pw, reps)
-            job.inner, job.L = 0, period * reps
-            fold = (reps, C, inner)
-        if pw is not None:
-            job.pw = cnp.PyArray_DATA(pw)
-    elif weight is not None:
-        job.p = float(weight.reshape(()))
-    if want_sums:
-        sums = np.empty(job.C if job.inner else job.L,
-                        dtype=np.float64 if backward else np.int64)
-        job.sums = cnp.PyArray_DATA(sums)
+        job.C = cnp.PyArray_DIMS(x)[axis]
+        job.inner = 1
+        for d in range(axis + 1, cnp.PyArray_NDIM(x)):
+            job.inner *= cnp.PyArray_DIMS(x)[d]
+    job.pw = NULL
+    if weight is not None:
+        compute_type = cnp.NPY_DOUBLE if job.dt == 2 else cnp.NPY_FLOAT
+        pw = cnp.PyArray_FROMANY(weight, compute_type, 0, 1, cnp.NPY_ARRAY_IN_ARRAY)
+        job.pw = cnp.PyArray_DATA(pw)
+    job.counts = <int64_t *>cnp.PyArray_DATA(counts) if counts is not None else NULL
+    job.grad_weight = cnp.PyArray_DATA(grad_weight) if grad_weight is not None else NULL
     cdef int rc
     with nogil:
         rc = fr_run(&job)
     if rc != 0:
-        raise MemoryError("fastrelu: could not allocate per-thread partial sums")
-    if sums is None:
-        return None
-    if fold is not None:
-        sums = sums.reshape(fold).sum(axis=(0, 2))
-    return sums
+        raise MemoryError("fastrelu: out of memory for a kernel's per-thread sums")
 
 
 def copy(cnp.ndarray src, cnp.ndarray dst):
     """dst[...] = src for C-contiguous arrays of one dtype, through the kernels' own threads and
     stores: the benchmarks' memory-copy roofline."""
-    _run(3, False, None, src, dst, 0.0, None, None, False)
+    _run(3, False, None, src, dst, 0.0, None, None, None, None)
 
 
 cdef tuple _fortran_as_c(arrays, axis):
@@ -281,13 +272,15 @@ cdef bint _all_fortran(tuple arrays):
 
 
 def forward(int op, cnp.ndarray x, out, double p, weight, axis, bint want_counts):
-    """y = op(x) into `out` (or a new array); returns (y, positive counts per channel or None)."""
+    """y = op(x) into `out` (or a new array).  Returns (y, int64 positives per channel along
+    `axis` or None).  `weight`: one parameter per channel along `axis`, replacing p."""
     cdef bint transposed = cnp.PyArray_NDIM(x) > 1 and _all_fortran((x, out))
     if transposed:
         (x, out), axis = _fortran_as_c((x, out), axis)
     cdef cnp.ndarray xc = _contiguous(x)
     cdef cnp.ndarray y = _target(xc, out)
-    counts = _run(op, False, None, xc, y, p, weight, axis, want_counts)
+    counts = np.empty(xc.shape[axis] if axis is not None else 1, np.int64) if want_counts else None
+    _run(op, False, None, xc, y, p, weight, axis, counts, None)
     if out is not None and y is not out:
         np.copyto(out, y)
         y = out
@@ -295,16 +288,22 @@ def forward(int op, cnp.ndarray x, out, double p, weight, axis, bint want_counts
 
 
 def backward(int op, cnp.ndarray grad, cnp.ndarray x, out, double p, weight, axis,
-             bint want_wsums):
-    """dx into `out` (or a new array); returns (dx, weight-gradient sums per channel or None)."""
+             cnp.ndarray grad_weight=None):
+    """dx into `out` (or a new array); with `weight` (one per channel along `axis`, or None with
+    p), the weight gradient goes into `grad_weight` (C elements of x's dtype) when given."""
     cdef bint transposed = cnp.PyArray_NDIM(x) > 1 and _all_fortran((x, grad, out))
     if transposed:
         (x, grad, out), axis = _fortran_as_c((x, grad, out), axis)
     cdef cnp.ndarray xc = _contiguous(x)
     cdef cnp.ndarray gc = _contiguous(grad)
     cdef cnp.ndarray dx = _target(xc, out)
-    wsums = _run(op, True, gc, xc, dx, p, weight, axis, want_wsums)
+    cdef cnp.ndarray gw = grad_weight
+    if gw is not None and not (cnp.PyArray_ISCARRAY(gw) and cnp.PyArray_ISNOTSWAPPED(gw)):
+        gw = np.empty(grad_weight.size, dtype=xc.dtype)
+    _run(op, True, gc, xc, dx, p, weight, axis, None, gw)
+    if gw is not grad_weight:
+        np.copyto(grad_weight, gw.reshape((<object>grad_weight).shape))
     if out is not None and dx is not out:
         np.copyto(out, dx)
         dx = out
-    return (dx.T if transposed else dx), wsums
+    return dx.T if transposed else dx

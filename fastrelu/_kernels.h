@@ -337,41 +337,61 @@ static void fr_share(ptrdiff_t n, int t, int nt, ptrdiff_t *a, ptrdiff_t *b) {
 
 static size_t fr_itemsize(int dt) { return dt == FR_F16 ? 2 : dt == FR_F32 ? 4 : 8; }
 
-/* One call of an op: what to compute, and over which layout. */
+/* Element c of parameters in the compute type: float, or double for float64. */
+static double fr_param(int dt, const void *pw, ptrdiff_t c) {
+    return dt == FR_F64 ? ((const double *)pw)[c] : ((const float *)pw)[c];
+}
+
+/* Stores v, rounded once, as element c of an array of dtype dt. */
+static void fr_store(int dt, void *a, ptrdiff_t c, double v) {
+    if (dt == FR_F64)
+        ((double *)a)[c] = v;
+    else if (dt == FR_F32)
+        ((float *)a)[c] = (float)v;
+    else
+        ((_Float16 *)a)[c] = (_Float16)v;
+}
+
+/* One call of an op.  The caller fills the first group; fr_run fills the rest. */
 typedef struct {
     int dt, op, backward;
     const char *g, *x; /* g: the incoming gradient (backward only) */
     char *y;           /* the output: y, or dx */
     ptrdiff_t n;
-    ptrdiff_t C, inner; /* blocks layout; inner == 0 selects the rows layout */
-    ptrdiff_t L;        /* rows layout */
-    double p;
-    const void *pw;
-    void *sums; /* int64 positive counts (forward) or double weight-gradient sums (backward) */
-    int stream; /* write the output with non-temporal stores (set by fr_run) */
+    ptrdiff_t C, inner; /* n = outer * C * inner; element k is in channel (k / inner) % C */
+    double p;           /* the parameter of every element, when pw is NULL */
+    const void *pw;     /* C parameters in the compute type (float; double for float64), or NULL */
+    int64_t *counts;    /* forward: C counts of x > 0, or NULL */
+    void *grad_weight;  /* backward: C sums of (x > 0 ? 0 : x * g), in dtype dt, or NULL */
+
+    int stream;         /* write the output with non-temporal stores */
+    ptrdiff_t L;        /* 0: runs layout; else the rows layout's period */
+    const void *pw_row; /* rows layout: the parameter of each column */
 } fr_job;
 
-static size_t fr_sums_len(const fr_job *job) { return job->inner ? job->C : job->L; }
+static int fr_want_sums(const fr_job *job) {
+    return job->backward ? job->grad_weight != NULL : job->counts != NULL;
+}
 
 typedef union {
     int64_t count; /* forward: elements > 0 */
     double wsum;   /* backward: sum of x*g over elements not > 0 */
 } fr_sum;
 
-/* m contiguous elements already in the compute type.  Blocks: all take p, and the sum is returned
- * when `want_sum`; rows: the first is column col, and sums go to row_sums when not NULL. */
+/* m contiguous elements already in the compute type.  Runs layout: all take p, and the sum is
+ * returned when `want_sum`; rows: the first is column col, and sums go to row_sums if not NULL. */
 static fr_sum fr_run_native(const fr_job *job, const fr_loops *loops, const void *g,
                             const void *x, void *y, ptrdiff_t m, double p, ptrdiff_t col,
                             int want_sum, void *row_sums) {
     fr_sum r = {0};
-    if (job->inner && !job->backward)
+    if (!job->L && !job->backward)
         r.count = loops->fwd_flat[job->op](x, y, m, p, want_sum);
-    else if (job->inner)
+    else if (!job->L)
         r.wsum = loops->bwd_flat[job->op](g, x, y, m, p, want_sum);
     else if (!job->backward)
-        loops->fwd_rows[job->op](x, y, m, job->L, col, job->pw, row_sums);
+        loops->fwd_rows[job->op](x, y, m, job->L, col, job->pw_row, row_sums);
     else
-        loops->bwd_rows[job->op](g, x, y, m, job->L, col, job->pw, row_sums);
+        loops->bwd_rows[job->op](g, x, y, m, job->L, col, job->pw_row, row_sums);
     return r;
 }
 
@@ -386,7 +406,7 @@ static fr_sum fr_run_stretch(const fr_job *job, ptrdiff_t at, ptrdiff_t n, doubl
     const fr_loops *loops = job->dt == FR_F64 ? &isa->f64 : &isa->f32;
     const char *g = job->g ? job->g + at * isz : NULL, *x = job->x + at * isz;
     char *y = job->y + at * isz;
-    const ptrdiff_t col = job->inner ? 0 : at % job->L;
+    const ptrdiff_t col = job->L ? at % job->L : 0;
     if (!half && !job->stream)
         return fr_run_native(job, loops, g, x, y, n, p, col, want_sum, row_sums);
     float gbuf[FR_STAGE], xbuf[FR_STAGE];
@@ -409,7 +429,7 @@ static fr_sum fr_run_stretch(const fr_job *job, ptrdiff_t at, ptrdiff_t n, doubl
             gs = gbuf, xs = xbuf;
         }
         fr_sum r = fr_run_native(job, loops, gs, xs, half ? xbuf : ys, m, p,
-                                 job->inner ? 0 : (col + s) % job->L, want_sum, row_sums);
+                                 job->L ? (col + s) % job->L : 0, want_sum, row_sums);
         if (job->backward)
             total.wsum += r.wsum;
         else
@@ -422,16 +442,14 @@ static fr_sum fr_run_stretch(const fr_job *job, ptrdiff_t at, ptrdiff_t n, doubl
 
 /* Elements [a, b) of the job; sums: this thread's partials, or NULL. */
 static void fr_run_share(const fr_job *job, ptrdiff_t a, ptrdiff_t b, void *sums) {
-    if (!job->inner) {
+    if (job->L) {
         if (b > a) fr_run_stretch(job, a, b - a, 0.0, 0, sums);
         return;
     }
     for (ptrdiff_t pos = a; pos < b;) { /* one run of `inner` elements of channel c at a time */
         ptrdiff_t run = pos / job->inner, c = run % job->C;
         ptrdiff_t end = (run + 1) * job->inner < b ? (run + 1) * job->inner : b;
-        double p = !job->pw            ? job->p
-                   : job->dt == FR_F64 ? ((const double *)job->pw)[c]
-                                       : ((const float *)job->pw)[c];
+        double p = job->pw ? fr_param(job->dt, job->pw, c) : job->p;
         fr_sum r = fr_run_stretch(job, pos, end - pos, p, sums != NULL, NULL);
         if (sums && job->backward)
             ((double *)sums)[c] += r.wsum;
@@ -441,33 +459,91 @@ static void fr_run_share(const fr_job *job, ptrdiff_t a, ptrdiff_t b, void *sums
     }
 }
 
-/* Runs a job on the right number of threads.  Returns 0, or -1 when the per-thread partial sums
- * could not be allocated.  job->sums (C or L entries, overwritten) may be NULL. */
+static void fr_add_sum(const fr_job *job, fr_sum *total, const char *sums, ptrdiff_t i) {
+    if (job->backward)
+        total->wsum += ((const double *)sums)[i];
+    else
+        total->count += ((const int64_t *)sums)[i];
+}
+
+/* Channel runs of at least FR_MIN_RUN elements are walked one run at a time, each with its own
+ * parameter (the runs layout).  Shorter runs would spend more on the per-run call than on the data,
+ * so they are laid out as rows of C * inner columns, with one parameter per column read alongside
+ * the data, unless a row's parameters would outgrow the caches (FR_MAX_ROW).  Rows are repeated
+ * to at least FR_MIN_ROW columns and a multiple of 16, so that the vector loops over a row rarely
+ * end in a scalar tail. */
+#define FR_MIN_RUN 256
+#define FR_MIN_ROW 256
+#define FR_MAX_ROW ((ptrdiff_t)1 << 20)
+
+/* Runs a job on the right number of threads.  Returns 0, or -1 when memory for the rows layout or
+ * the per-thread partial sums could not be allocated (nothing is written then). */
 static int fr_run(fr_job *job) {
-    const size_t len = fr_sums_len(job);
-    job->stream = (size_t)job->n * fr_itemsize(job->dt) >= FR_STREAM_MIN_BYTES;
+    const int dt = job->dt, want = fr_want_sums(job);
+    const size_t csz = dt == FR_F64 ? sizeof(double) : sizeof(float); /* compute type */
+    job->stream = (size_t)job->n * fr_itemsize(dt) >= FR_STREAM_MIN_BYTES;
+    job->L = 0;
+    job->pw_row = NULL;
+    if (job->n == 0) {
+        if (job->counts) memset(job->counts, 0, (size_t)job->C * sizeof(int64_t));
+        for (ptrdiff_t c = 0; want && job->backward && c < job->C; c++)
+            fr_store(dt, job->grad_weight, c, 0.0);
+        return 0;
+    }
+    const ptrdiff_t period = job->C * job->inner;
+    void *pw_row = NULL;
+    if ((job->pw || want) && job->inner < FR_MIN_RUN && period <= FR_MAX_ROW) {
+        ptrdiff_t L = period;
+        while (L % 16 || L < FR_MIN_ROW) L += period;
+        if (!(pw_row = malloc((size_t)L * csz))) return -1;
+        for (ptrdiff_t c = 0; c < job->C; c++) { /* one period, then copies of it */
+            double pc = job->pw ? fr_param(dt, job->pw, c) : job->p;
+            for (ptrdiff_t i = c * job->inner; i < (c + 1) * job->inner; i++) {
+                if (dt == FR_F64)
+                    ((double *)pw_row)[i] = pc;
+                else
+                    ((float *)pw_row)[i] = (float)pc;
+            }
+        }
+        for (ptrdiff_t j = period; j < L; j += period)
+            memcpy((char *)pw_row + (size_t)j * csz, pw_row, (size_t)period * csz);
+        job->L = L;
+        job->pw_row = pw_row;
+    }
+    /* per-thread sums, 8 bytes a column (rows) or channel (runs) */
+    const size_t len = job->L ? (size_t)job->L : (size_t)job->C;
     const int nt = fr_threads_for(job->n);
-    char *part = NULL; /* thread t > 0 sums into part[t-1]; thread 0 into job->sums */
-    if (job->sums) {
-        memset(job->sums, 0, len * 8);
-        if (nt > 1 && !(part = calloc((size_t)(nt - 1) * len, 8))) return -1;
+    char *sums = NULL;
+    if (want && !(sums = calloc((size_t)nt * len, 8))) {
+        free(pw_row);
+        return -1;
     }
     FR_PARALLEL(nt, t, {
         ptrdiff_t a, b;
         fr_share(job->n, t, nt, &a, &b);
-        fr_run_share(job, a, b, !job->sums ? NULL : t == 0 ? job->sums : part + (t - 1) * len * 8);
+        fr_run_share(job, a, b, sums ? sums + (size_t)t * len * 8 : NULL);
         if (job->stream) _mm_sfence(); /* streamed stores are visible before the team joins */
     });
-    if (part) {
-        for (int t = 1; t < nt; t++)
-            for (size_t c = 0; c < len; c++) {
-                if (job->backward)
-                    ((double *)job->sums)[c] += ((double *)part)[(t - 1) * len + c];
+    if (sums) { /* threads in a fixed order; in rows, the columns of each channel */
+        for (ptrdiff_t c = 0; c < job->C; c++) {
+            fr_sum total = {0};
+            for (int t = 0; t < nt; t++) {
+                const char *part = sums + (size_t)t * len * 8;
+                if (!job->L)
+                    fr_add_sum(job, &total, part, c);
                 else
-                    ((int64_t *)job->sums)[c] += ((int64_t *)part)[(t - 1) * len + c];
+                    for (ptrdiff_t col = c * job->inner; col < job->L; col += period)
+                        for (ptrdiff_t i = 0; i < job->inner; i++)
+                            fr_add_sum(job, &total, part, col + i);
             }
-        free(part);
+            if (job->backward)
+                fr_store(dt, job->grad_weight, c, total.wsum);
+            else
+                job->counts[c] = total.count;
+        }
+        free(sums);
     }
+    free(pw_row);
     return 0;
 }
 
