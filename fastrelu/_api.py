@@ -18,6 +18,7 @@ RELU, LEAKY, ELU = 0, 1, 2  # the kernels' op codes; PReLU is LEAKY with per-cha
 
 _FLOAT_DTYPES = {c: np.dtype(c) for c in "efd"}  # float16, float32, float64 by type character
 _PYTHON_VALUES = (list, tuple, int, float)
+_MAX_FLOAT = 1.7976931348623157e308  # finite floats lie in [-_MAX_FLOAT, _MAX_FLOAT]; NaN in neither
 
 
 # ---- arrays -------------------------------------------------------------------------------------
@@ -103,8 +104,6 @@ def _check_out(name, out, shape, dtype, inputs):
 
 def _real(name, value):
     """A finite Python float from a real number (a 0-d real array is fine)."""
-    if type(value) is float and value - value == 0.0:  # the common case: a finite float
-        return value
     if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
         value = value[()]
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
@@ -221,7 +220,9 @@ def relu(x, *, out=None):
 
 def leaky_relu(x, negative_slope=0.01, *, out=None):
     """Leaky ReLU: ``x > 0 ? x : x * negative_slope`` elementwise."""
-    return _forward(LEAKY, x, out, _real("negative_slope", negative_slope))
+    if not (type(negative_slope) is float and -_MAX_FLOAT <= negative_slope <= _MAX_FLOAT):
+        negative_slope = _real("negative_slope", negative_slope)
+    return _forward(LEAKY, x, out, negative_slope)
 
 
 def prelu(x, weight, axis=1, *, out=None):
@@ -245,7 +246,9 @@ def relu_backward(grad, x, *, out=None):
 def leaky_relu_backward(grad, x, negative_slope=0.01, *, out=None):
     """Gradient of leaky_relu w.r.t. x: ``x > 0 ? grad : grad * negative_slope``.  With
     negative_slope >= 0, `x` may be leaky_relu's output instead."""
-    return _backward(LEAKY, grad, x, out, _real("negative_slope", negative_slope))
+    if not (type(negative_slope) is float and -_MAX_FLOAT <= negative_slope <= _MAX_FLOAT):
+        negative_slope = _real("negative_slope", negative_slope)
+    return _backward(LEAKY, grad, x, out, negative_slope)
 
 
 def prelu_backward(grad, x, weight, axis=1, *, out=None):

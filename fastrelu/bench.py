@@ -1,7 +1,7 @@
 """``fastrelu bench``: what each op costs next to a memory copy, NumPy, PyTorch and numexpr.
 
-Every number in one report comes from one run: the implementations are timed side by side, one
-sample of each in turn, and each figure is the median of the repeats.  The roofline is a copy of
+Every number in one report comes from one run: the implementations are timed side by side on the
+same arrays, and each figure is the median of the repeats.  The roofline is a copy of
 the same number of bytes through fastrelu's own kernel driver (same threads, same stores): a
 forward op moves 2 arrays' worth of bytes (read x, write y), a backward op 3 (read grad and x,
 write dx), so a copy of n or 1.5 n elements is its roofline.
@@ -112,7 +112,8 @@ class Data:
         self.w = np.full(CHANNELS, 0.25, dtype)
         self.gw = np.empty_like(self.w)
         self.copy_src = np.ones(n * 3 // 2, dtype)
-        self.copy_dst = np.empty_like(self.copy_src)
+        self.copy_dst = np.ones_like(self.copy_src)
+        self.out.fill(0)  # touch every page now, so that no timed call pays the page faults
 
 
 def fastrelu_impls(d):
@@ -231,26 +232,28 @@ def timed(fn, calls=1):
 
 
 def time_side_by_side(impls, repeats, min_time, progress):
-    """Median seconds per call of each implementation, sampled in turn `repeats` times.
+    """Median seconds per call, and the number of samples, of each implementation.
 
-    Each implementation is first called once (page faults, first-call costs); a sample then runs
-    enough calls to last min_time.  An implementation whose first call takes longer than SLOW_CALL
-    is timed by that call alone, and reported so ("samples": 1)."""
-    calls, samples = {}, {}
+    Each implementation is called once first (page faults, first-call costs); each of its samples
+    then runs enough calls to last min_time.  One implementation is sampled `repeats` times before
+    the next, so that thread pools of other runtimes (OpenMP teams spin for a while after a
+    parallel region) have gone quiet for all but its first sample, which the median discounts.
+    An implementation whose first call takes longer than SLOW_CALL is timed by that call alone."""
+    timings = {}
     for key, fn in impls.items():
         first = timed(fn)
         if first > SLOW_CALL:
-            samples[key] = [first]
+            timings[key] = (first, 1)
             progress(repeats + 1)
             continue
-        calls[key] = max(1, math.ceil(min_time / max(timed(fn), 1e-9)))
-        samples[key] = []
+        calls = max(1, math.ceil(min_time / max(timed(fn), 1e-9)))
         progress()
-    for _ in range(repeats):
-        for key in calls:
-            samples[key].append(timed(impls[key], calls[key]))
+        samples = []
+        for _ in range(repeats):
+            samples.append(timed(fn, calls))
             progress()
-    return {key: (statistics.median(s), len(s)) for key, s in samples.items()}
+        timings[key] = (statistics.median(samples), len(samples))
+    return timings
 
 
 class Progress:
@@ -431,7 +434,10 @@ def main(args):
           (f" (not installed: {', '.join(missing)})" if missing else "") +
           f"; medians of {repeats} repeats, timed side by side")
 
-    plan = [(parse_size(s, dt.itemsize), dt) for dt in dtypes for s in sizes_text]
+    try:
+        plan = [(parse_size(s, dt.itemsize), dt) for dt in dtypes for s in sizes_text]
+    except ValueError as exc:
+        raise SystemExit(f"fastrelu bench: {exc}") from None
     impls_per_size = len(implementations(Data(1000, np.float32), ops, found))
     progress = Progress(len(plan) * impls_per_size * (repeats + 1))
     all_rows = []
