@@ -5,6 +5,8 @@ Forward ops return the activation; backward ops return the gradient with respect
 CPU kernels.  The exact semantics (NaN, signed zeros, infinities) match PyTorch.
 """
 from ._api import (
+    bias_activation,
+    bias_activation_backward,
     elu,
     elu_backward,
     leaky_relu,
@@ -15,6 +17,7 @@ from ._api import (
     relu_backward,
 )
 from ._runtime import get_num_threads, info, set_num_threads
+from .monitor import ActivationStats, DeadUnitTracker
 
 __version__ = "0.1.0"
 
@@ -27,6 +30,10 @@ __all__ = [
     "prelu_backward",
     "elu",
     "elu_backward",
+    "bias_activation",
+    "bias_activation_backward",
+    "ActivationStats",
+    "DeadUnitTracker",
     "get_num_threads",
     "set_num_threads",
     "info",

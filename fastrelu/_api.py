@@ -8,13 +8,15 @@ import operator
 import numpy as np
 
 from . import _cpu
+from .monitor import ActivationStats
 
 try:
     from numpy.exceptions import AxisError
 except ImportError:  # NumPy < 1.25
     from numpy import AxisError
 
-RELU, LEAKY, ELU = 0, 1, 2  # the kernels' op codes; PReLU is LEAKY with per-channel slopes
+# the kernels' op codes (_kernels.h); PReLU is LEAKY with per-channel slopes
+RELU, LEAKY, ELU, ELU_FROM_Y = 0, 1, 2, 4
 
 _FLOAT_DTYPES = {c: np.dtype(c) for c in "efd"}  # float16, float32, float64 by type character
 _PYTHON_VALUES = (list, tuple, int, float)
@@ -149,30 +151,38 @@ def _prelu_weight(weight, shape, axis):
 # ---- the ops ------------------------------------------------------------------------------------
 
 
-def _forward(op, x, out, p, weight=None, axis=None):
-    if _cpu.is_plain_call(x, out):  # the common call: nothing to convert, nothing can fail
+def _forward(op, x, out, p, weight=None, axis=1, stats=False):
+    """op(x), with PReLU's `weight` along `axis`; with `stats`, also the positive counts per unit
+    along `axis` (one unit when x has fewer than 2 dims)."""
+    if not stats and _cpu.is_plain_call(x, out):  # the common call: nothing to convert or fail
         if weight is None:
             return _cpu.forward(op, x, out, p, None, None, False)[0]
         plain_axis = _cpu.plain_prelu_axis(x, weight, axis)
         if plain_axis is not None:
-            return _forward_prelu(op, x, out, weight, plain_axis)
+            if plain_axis < 0:
+                return _cpu.forward(op, x, out, float(weight.reshape(())), None, None, False)[0]
+            return _cpu.forward(op, x, out, 0.0, weight, plain_axis, False)[0]
     if weight is None:
         (x,), dtype = _host_arrays([("x", x)])
+        weight_axis = None
     else:
         (x, weight), dtype = _host_arrays([("x", x), ("weight", weight)])
-        axis = _prelu_weight(weight, x.shape, axis)
+        weight_axis = _prelu_weight(weight, x.shape, axis)
+    if type(stats) is not bool:
+        raise TypeError(f"stats must be True or False, not {type(stats).__name__}")
+    unit_axis = _axis("axis", axis, x.ndim) if stats and x.ndim >= 2 else None
     if out is not None:
         _check_out("out", out, x.shape, dtype, [("x", x)])
-    if weight is None:
-        return _cpu.forward(op, x, out, p, None, None, False)[0]
-    return _forward_prelu(op, x, out, weight, -1 if axis is None else axis)
+    if weight is not None and weight_axis is None:  # one weight shared by every element
+        p, weight = float(weight.reshape(())), None
+    layout_axis = weight_axis if weight_axis is not None else unit_axis
+    y, counts = _cpu.forward(op, x, out, p, weight, layout_axis, stats)
+    return (y, _activation_stats(counts, x.shape, layout_axis)) if stats else y
 
 
-def _forward_prelu(op, x, out, weight, axis):
-    """axis: the channel axis, or -1 for one weight shared by every element."""
-    if axis < 0:
-        return _cpu.forward(op, x, out, float(weight.reshape(())), None, None, False)[0]
-    return _cpu.forward(op, x, out, 0.0, weight, axis, False)[0]
+def _activation_stats(counts, shape, axis):
+    per_unit = math.prod(shape[:axis] + shape[axis + 1:]) if axis is not None else math.prod(shape)
+    return ActivationStats(counts, per_unit)
 
 
 def _backward(op, grad, x, out, p, weight=None, axis=None, weight_out=None):
@@ -213,28 +223,38 @@ def _backward_prelu(op, grad, x, out, weight, axis, weight_out):
     return dx, grad_weight
 
 
-def relu(x, *, out=None):
-    """ReLU: ``x < 0 ? +0 : x`` elementwise (NaN and -0.0 pass through)."""
+def relu(x, *, out=None, stats=False, axis=1):
+    """ReLU: ``x < 0 ? +0 : x`` elementwise (NaN and -0.0 pass through).
+
+    With ``stats=True`` returns ``(y, ActivationStats)``: the count of positive inputs per unit
+    along `axis` (one unit for inputs with fewer than 2 dims), from the same pass."""
+    if stats:
+        return _forward(RELU, x, out, 0.0, None, axis, stats)
     return _forward(RELU, x, out, 0.0)
 
 
-def leaky_relu(x, negative_slope=0.01, *, out=None):
-    """Leaky ReLU: ``x > 0 ? x : x * negative_slope`` elementwise."""
+def leaky_relu(x, negative_slope=0.01, *, out=None, stats=False, axis=1):
+    """Leaky ReLU: ``x > 0 ? x : x * negative_slope`` elementwise.  `stats`, `axis`: see relu."""
     if not (type(negative_slope) is float and -_MAX_FLOAT <= negative_slope <= _MAX_FLOAT):
         negative_slope = _real("negative_slope", negative_slope)
+    if stats:
+        return _forward(LEAKY, x, out, negative_slope, None, axis, stats)
     return _forward(LEAKY, x, out, negative_slope)
 
 
-def prelu(x, weight, axis=1, *, out=None):
+def prelu(x, weight, axis=1, *, out=None, stats=False):
     """PReLU: ``x > 0 ? x : weight[c] * x`` with c the index along the channel `axis`.
 
     `weight` has shape (C,) with C == x.shape[axis], or one element (shape () or (1,)) shared by
-    every channel.  Inputs with fewer than 2 dims have one channel."""
-    return _forward(LEAKY, x, out, 0.0, weight, axis)
+    every channel.  Inputs with fewer than 2 dims have one channel.  `stats`: see relu; the units
+    are the channels along `axis`."""
+    return _forward(LEAKY, x, out, 0.0, weight, axis, stats)
 
 
-def elu(x, alpha=1.0, *, out=None):
-    """ELU: ``x <= 0 ? alpha * expm1(x) : x`` elementwise."""
+def elu(x, alpha=1.0, *, out=None, stats=False, axis=1):
+    """ELU: ``x <= 0 ? alpha * expm1(x) : x`` elementwise.  `stats`, `axis`: see relu."""
+    if stats:
+        return _forward(ELU, x, out, _real("alpha", alpha), None, axis, stats)
     return _forward(ELU, x, out, _real("alpha", alpha))
 
 
@@ -268,3 +288,82 @@ def prelu_backward(grad, x, weight, axis=1, *, out=None):
 def elu_backward(grad, x, alpha=1.0, *, out=None):
     """Gradient of elu w.r.t. x: ``x <= 0 ? grad * alpha * exp(x) : grad``."""
     return _backward(ELU, grad, x, out, _real("alpha", alpha))
+
+
+# ---- fused bias + activation --------------------------------------------------------------------
+
+# name -> (forward op, backward op given the output y, parameter's name and default)
+_ACTIVATIONS = {
+    "relu": (RELU, RELU, None, 0.0),
+    "leaky_relu": (LEAKY, LEAKY, "negative_slope", 0.01),
+    "elu": (ELU, ELU_FROM_Y, "alpha", 1.0),
+}
+
+
+def _activation(activation, param):
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(_ACTIVATIONS)}, "
+                         f"not {activation!r}")
+    fwd, bwd, name, default = _ACTIVATIONS[activation]
+    if name is None:
+        if param is not None:
+            raise TypeError("relu takes no parameter")
+        return fwd, bwd, 0.0
+    return fwd, bwd, default if param is None else _real(name, param)
+
+
+def _bias_axis(bias, shape, axis):
+    if len(shape) == 0:
+        raise ValueError("x must have at least one dimension for a per-unit bias")
+    axis = _axis("axis", axis, len(shape))
+    if bias.shape != (shape[axis],):
+        raise ValueError(f"bias must have shape ({shape[axis]},): one value per unit along "
+                         f"axis {axis}, got {bias.shape}")
+    return axis
+
+
+def bias_activation(x, bias, activation="relu", param=None, axis=1, *, out=None, stats=False):
+    """``act(x + bias[u])`` in one pass, u the index along `axis` (the features of an (N, F)
+    batch, the channels of NCHW data).  `activation` is "relu", "leaky_relu" (param:
+    negative_slope, default 0.01) or "elu" (param: alpha, default 1.0).  With ``stats=True``
+    returns ``(y, ActivationStats)`` counting the positive ``x + bias`` per unit."""
+    op, _, p = _activation(activation, param)
+    (x, bias), dtype = _host_arrays([("x", x), ("bias", bias)])
+    axis = _bias_axis(bias, x.shape, axis)
+    if type(stats) is not bool:
+        raise TypeError(f"stats must be True or False, not {type(stats).__name__}")
+    if out is not None:
+        _check_out("out", out, x.shape, dtype, [("x", x), ("bias", bias)])
+    y, counts = _cpu.forward(op, x, out, p, None, axis, stats, bias)
+    return (y, _activation_stats(counts, x.shape, axis)) if stats else y
+
+
+def bias_activation_backward(grad, y, activation="relu", param=None, axis=1, *, out=None):
+    """Gradients of bias_activation from its output `y`, in one pass: returns
+    ``(grad_input, grad_bias)``, grad_bias summed over all but `axis` in float64.  Needs a
+    parameter >= 0, so that y tells the sign of x + bias (ELU uses ``grad * (y + alpha)``).
+    `out` is a pair ``(grad_input_out, grad_bias_out)``; either may be None."""
+    _, op, p = _activation(activation, param)
+    if p < 0:
+        raise ValueError(f"the backward from the output needs {activation}'s parameter >= 0, "
+                         f"got {p}")
+    if out is None:
+        out = (None, None)
+    elif not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError("out must be a pair (grad_input_out, grad_bias_out); either may be None")
+    (grad, y), dtype = _host_arrays([("grad", grad), ("y", y)])
+    if grad.shape != y.shape:
+        raise ValueError(f"grad has shape {grad.shape} but y has shape {y.shape}")
+    if y.ndim == 0:
+        raise ValueError("y must have at least one dimension for a per-unit bias")
+    axis = _axis("axis", axis, y.ndim)
+    inputs = [("grad", grad), ("y", y)]
+    if out[0] is not None:
+        _check_out("out[0]", out[0], y.shape, dtype, inputs)
+    if out[1] is not None:
+        _check_out("out[1]", out[1], (y.shape[axis],), dtype, inputs)
+        if out[0] is not None and _cpu.memory_overlap(out[0], out[1]):
+            raise ValueError("out[0] and out[1] overlap")
+    grad_bias = np.empty(y.shape[axis], dtype) if out[1] is None else out[1]
+    dx = _cpu.backward(op, grad, y, out[0], p, None, axis, grad_bias, _cpu.SUM_GRAD)
+    return dx, grad_bias

@@ -23,8 +23,10 @@ cdef extern from "_kernels.h" nogil:
         Py_ssize_t n, C, inner
         double p
         const void *pw
+        const void *bias
         int64_t *counts
-        void *grad_weight
+        int sum
+        void *param_grad
     int fr_run(fr_job *job)
     void fr_init_threads()
     int fr_select_isa(int cap)
@@ -208,14 +210,21 @@ cdef cnp.ndarray _target(cnp.ndarray x, out):
     return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
 
 
+cdef object _compute_type(int dt, a):
+    """A per-channel array as a contiguous array of the compute type, or None."""
+    if a is None:
+        return None
+    return cnp.PyArray_FROMANY(a, cnp.NPY_DOUBLE if dt == 2 else cnp.NPY_FLOAT, 0, 1,
+                               cnp.NPY_ARRAY_IN_ARRAY)
+
+
 cdef _run(int op, bint backward, cnp.ndarray g, cnp.ndarray x, cnp.ndarray y, double p,
-          weight, axis, cnp.ndarray counts, cnp.ndarray grad_weight):
+          weight, axis, cnp.ndarray counts, cnp.ndarray param_grad, int sum=0, bias=None):
     """Runs one op over C-contiguous x (and g) into y.  With an `axis`, element k belongs to
-    channel k's index along it: `weight` (a parameter per channel) replaces p, and `counts`
-    (forward: int64 positives per channel) or `grad_weight` (backward: the weight gradient, in
-    x's dtype) are filled; each may be None."""
+    channel k's index along it, and the per-channel arrays apply: `weight` replaces p, `bias` is
+    added to x first (forward), `counts` gets the int64 positives (forward), and `param_grad`
+    the sums selected by `sum` (backward, in x's dtype).  Each may be None."""
     cdef fr_job job
-    cdef cnp.ndarray pw = None
     cdef Py_ssize_t d
     job.dt = _dtype_code(x)
     job.op = op
@@ -232,13 +241,13 @@ cdef _run(int op, bint backward, cnp.ndarray g, cnp.ndarray x, cnp.ndarray y, do
         job.inner = 1
         for d in range(axis + 1, cnp.PyArray_NDIM(x)):
             job.inner *= cnp.PyArray_DIMS(x)[d]
-    job.pw = NULL
-    if weight is not None:
-        compute_type = cnp.NPY_DOUBLE if job.dt == 2 else cnp.NPY_FLOAT
-        pw = cnp.PyArray_FROMANY(weight, compute_type, 0, 1, cnp.NPY_ARRAY_IN_ARRAY)
-        job.pw = cnp.PyArray_DATA(pw)
+    pw = _compute_type(job.dt, weight)
+    pb = _compute_type(job.dt, bias)
+    job.pw = cnp.PyArray_DATA(pw) if pw is not None else NULL
+    job.bias = cnp.PyArray_DATA(pb) if pb is not None else NULL
     job.counts = <int64_t *>cnp.PyArray_DATA(counts) if counts is not None else NULL
-    job.grad_weight = cnp.PyArray_DATA(grad_weight) if grad_weight is not None else NULL
+    job.sum = sum
+    job.param_grad = cnp.PyArray_DATA(param_grad) if param_grad is not None else NULL
     cdef int rc
     with nogil:
         rc = fr_run(&job)
@@ -271,16 +280,19 @@ cdef bint _all_fortran(tuple arrays):
     return True
 
 
-def forward(int op, cnp.ndarray x, out, double p, weight, axis, bint want_counts):
-    """y = op(x) into `out` (or a new array).  Returns (y, int64 positives per channel along
-    `axis` or None).  `weight`: one parameter per channel along `axis`, replacing p."""
+SUM_WEIGHT, SUM_GRAD = 1, 2  # what backward's param_grad sums: PReLU's weight, or a bias
+
+
+def forward(int op, cnp.ndarray x, out, double p, weight, axis, bint want_counts, bias=None):
+    """y = op(x (+ bias)) into `out` (or a new array).  Returns (y, int64 positives of x (+ bias)
+    per channel along `axis`, or None).  `weight`, `bias`: one value per channel along `axis`."""
     cdef bint transposed = cnp.PyArray_NDIM(x) > 1 and _all_fortran((x, out))
     if transposed:
         (x, out), axis = _fortran_as_c((x, out), axis)
     cdef cnp.ndarray xc = _contiguous(x)
     cdef cnp.ndarray y = _target(xc, out)
     counts = np.empty(xc.shape[axis] if axis is not None else 1, np.int64) if want_counts else None
-    _run(op, False, None, xc, y, p, weight, axis, counts, None)
+    _run(op, False, None, xc, y, p, weight, axis, counts, None, 0, bias)
     if out is not None and y is not out:
         np.copyto(out, y)
         y = out
@@ -288,21 +300,21 @@ def forward(int op, cnp.ndarray x, out, double p, weight, axis, bint want_counts
 
 
 def backward(int op, cnp.ndarray grad, cnp.ndarray x, out, double p, weight, axis,
-             cnp.ndarray grad_weight=None):
-    """dx into `out` (or a new array); with `weight` (one per channel along `axis`, or None with
-    p), the weight gradient goes into `grad_weight` (C elements of x's dtype) when given."""
+             cnp.ndarray param_grad=None, int sum=SUM_WEIGHT):
+    """dx into `out` (or a new array).  `weight`: one per channel along `axis` (or None: p).  With
+    `param_grad` (C elements of x's dtype), the per-channel sums selected by `sum` go there."""
     cdef bint transposed = cnp.PyArray_NDIM(x) > 1 and _all_fortran((x, grad, out))
     if transposed:
         (x, grad, out), axis = _fortran_as_c((x, grad, out), axis)
     cdef cnp.ndarray xc = _contiguous(x)
     cdef cnp.ndarray gc = _contiguous(grad)
     cdef cnp.ndarray dx = _target(xc, out)
-    cdef cnp.ndarray gw = grad_weight
-    if gw is not None and not (cnp.PyArray_ISCARRAY(gw) and cnp.PyArray_ISNOTSWAPPED(gw)):
-        gw = np.empty(grad_weight.size, dtype=xc.dtype)
-    _run(op, True, gc, xc, dx, p, weight, axis, None, gw)
-    if gw is not grad_weight:
-        np.copyto(grad_weight, gw.reshape((<object>grad_weight).shape))
+    cdef cnp.ndarray pg = param_grad
+    if pg is not None and not (cnp.PyArray_ISCARRAY(pg) and cnp.PyArray_ISNOTSWAPPED(pg)):
+        pg = np.empty(param_grad.size, dtype=xc.dtype)
+    _run(op, True, gc, xc, dx, p, weight, axis, None, pg, sum if pg is not None else 0)
+    if pg is not param_grad:
+        np.copyto(param_grad, pg.reshape((<object>param_grad).shape))
     if out is not None and dx is not out:
         np.copyto(out, dx)
         dx = out

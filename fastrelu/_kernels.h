@@ -36,20 +36,25 @@
 #define FR_INLINE inline __attribute__((always_inline))
 
 enum { FR_F16 = 0, FR_F32 = 1, FR_F64 = 2 };
-enum { FR_RELU = 0, FR_LEAKY = 1, FR_ELU = 2, FR_COPY = 3 }; /* FR_COPY: the benchmarks' roofline */
+/* FR_COPY is the benchmarks' roofline; FR_ELU_FROM_Y is ELU's backward given its output y. */
+enum { FR_RELU = 0, FR_LEAKY = 1, FR_ELU = 2, FR_COPY = 3, FR_ELU_FROM_Y = 4, FR_NOPS = 5 };
+enum { FR_COUNT = 1, FR_BIAS = 2 };                           /* forward flags */
+enum { FR_SUM_NONE = 0, FR_SUM_WEIGHT = 1, FR_SUM_GRAD = 2 }; /* backward sums */
 
 /* The contract (SEMANTICS.md), evaluated exactly as written: NaN, signed zeros and infinities
- * follow from the comparisons.  p is negative_slope, the PReLU weight, or ELU's alpha. */
+ * follow from the comparisons.  p is negative_slope, the PReLU weight, or ELU's alpha.  ELU's
+ * backward from its output y: y <= 0 exactly when x <= 0 (alpha >= 0), and y + alpha = alpha*e^x. */
 #define FR_Y(op, v, p, T, EXPM1)                                                                \
     ((op) == FR_RELU    ? ((v) < 0 ? (T)0 : (v))                                                \
      : (op) == FR_LEAKY ? ((v) > 0 ? (v) : (v) * (p))                                           \
-     : (op) == FR_ELU   ? ((v) <= 0 ? (p) * EXPM1(v) : (v))                                     \
-                        : (v))
+     : (op) == FR_COPY  ? (v)                                                                   \
+                        : ((v) <= 0 ? (p) * EXPM1(v) : (v)))
 #define FR_DX(op, v, g, p, T, EXP)                                                              \
     ((op) == FR_RELU    ? ((v) <= 0 ? (T)0 : (g))                                               \
      : (op) == FR_LEAKY ? ((v) > 0 ? (g) : (g) * (p))                                           \
      : (op) == FR_ELU   ? ((v) <= 0 ? (g) * (p) * EXP(v) : (g))                                 \
-                        : (g))
+     : (op) == FR_COPY  ? (g)                                                                   \
+                        : ((v) <= 0 ? (g) * ((v) + (p)) : (g)))
 
 /* ---- exp and expm1 that vectorize ------------------------------------------------------------
  * ELU evaluates exp/expm1 only where x <= 0, but a vector loop computes both sides of the select,
@@ -119,12 +124,14 @@ FR_DEFINE_EXP(double, int64_t, d, 52, 1023, 6755399441055744.0, 6.93147180369123
               FR_TAYLOR_F64)
 
 typedef struct {
-    int64_t (*fwd_flat[4])(const void *x, void *y, ptrdiff_t n, double p, int count);
-    double (*bwd_flat[4])(const void *g, const void *x, void *dx, ptrdiff_t n, double p, int wsum);
-    void (*fwd_rows[4])(const void *x, void *y, ptrdiff_t n, ptrdiff_t L, ptrdiff_t j0,
-                        const void *pw, int64_t *counts);
-    void (*bwd_rows[4])(const void *g, const void *x, void *dx, ptrdiff_t n, ptrdiff_t L,
-                        ptrdiff_t j0, const void *pw, double *wsums);
+    int64_t (*fwd_flat[FR_NOPS])(const void *x, void *y, ptrdiff_t n, double p, double b,
+                                 int flags);
+    double (*bwd_flat[FR_NOPS])(const void *g, const void *x, void *dx, ptrdiff_t n, double p,
+                                int sum);
+    void (*fwd_rows[FR_NOPS])(const void *x, void *y, ptrdiff_t n, ptrdiff_t L, ptrdiff_t j0,
+                              const void *pw, const void *pb, int64_t *counts);
+    void (*bwd_rows[FR_NOPS])(const void *g, const void *x, void *dx, ptrdiff_t n, ptrdiff_t L,
+                              ptrdiff_t j0, const void *pw, double *sums, int sum);
 } fr_loops;
 
 typedef struct {
@@ -361,16 +368,21 @@ typedef struct {
     ptrdiff_t C, inner; /* n = outer * C * inner; element k is in channel (k / inner) % C */
     double p;           /* the parameter of every element, when pw is NULL */
     const void *pw;     /* C parameters in the compute type (float; double for float64), or NULL */
-    int64_t *counts;    /* forward: C counts of x > 0, or NULL */
-    void *grad_weight;  /* backward: C sums of (x > 0 ? 0 : x * g), in dtype dt, or NULL */
+    const void *bias;   /* forward: C values added to x first (y = op(x + b)), or NULL */
+    int64_t *counts;    /* forward: C counts of x (+ b) > 0, or NULL */
+    int sum;            /* backward: what param_grad sums per channel:                        */
+    void *param_grad;   /* FR_SUM_WEIGHT: x > 0 ? 0 : x * g (PReLU); FR_SUM_GRAD: dx (a bias), */
+                        /* in dtype dt; or NULL                                                 */
 
     int stream;         /* write the output with non-temporal stores */
     ptrdiff_t L;        /* 0: runs layout; else the rows layout's period */
     const void *pw_row; /* rows layout: the parameter of each column */
+    const void *pb_row; /* rows layout: the bias of each column, or NULL */
 } fr_job;
 
 static int fr_want_sums(const fr_job *job) {
-    return job->backward ? job->grad_weight != NULL : job->counts != NULL;
+    return job->backward ? job->param_grad != NULL && job->sum != FR_SUM_NONE
+                         : job->counts != NULL;
 }
 
 typedef union {
@@ -381,24 +393,26 @@ typedef union {
 /* m contiguous elements already in the compute type.  Runs layout: all take p, and the sum is
  * returned when `want_sum`; rows: the first is column col, and sums go to row_sums if not NULL. */
 static fr_sum fr_run_native(const fr_job *job, const fr_loops *loops, const void *g,
-                            const void *x, void *y, ptrdiff_t m, double p, ptrdiff_t col,
-                            int want_sum, void *row_sums) {
+                            const void *x, void *y, ptrdiff_t m, double p, double b,
+                            ptrdiff_t col, int want_sum, void *row_sums) {
     fr_sum r = {0};
+    const int flags = (want_sum ? FR_COUNT : 0) | (job->bias ? FR_BIAS : 0);
+    const int sum = want_sum || row_sums ? job->sum : FR_SUM_NONE;
     if (!job->L && !job->backward)
-        r.count = loops->fwd_flat[job->op](x, y, m, p, want_sum);
+        r.count = loops->fwd_flat[job->op](x, y, m, p, b, flags);
     else if (!job->L)
-        r.wsum = loops->bwd_flat[job->op](g, x, y, m, p, want_sum);
+        r.wsum = loops->bwd_flat[job->op](g, x, y, m, p, sum);
     else if (!job->backward)
-        loops->fwd_rows[job->op](x, y, m, job->L, col, job->pw_row, row_sums);
+        loops->fwd_rows[job->op](x, y, m, job->L, col, job->pw_row, job->pb_row, row_sums);
     else
-        loops->bwd_rows[job->op](g, x, y, m, job->L, col, job->pw_row, row_sums);
+        loops->bwd_rows[job->op](g, x, y, m, job->L, col, job->pw_row, row_sums, sum);
     return r;
 }
 
 /* n contiguous elements from element `at`.  Runs in place on the arrays, or in stages through
  * L1-sized buffers: float16 is converted to float32 and back, and streamed outputs are computed
  * into a buffer and then written with non-temporal stores. */
-static fr_sum fr_run_stretch(const fr_job *job, ptrdiff_t at, ptrdiff_t n, double p,
+static fr_sum fr_run_stretch(const fr_job *job, ptrdiff_t at, ptrdiff_t n, double p, double b,
                              int want_sum, void *row_sums) {
     const fr_isa *isa = fr_isa_in_use;
     const size_t isz = fr_itemsize(job->dt);
@@ -408,7 +422,7 @@ static fr_sum fr_run_stretch(const fr_job *job, ptrdiff_t at, ptrdiff_t n, doubl
     char *y = job->y + at * isz;
     const ptrdiff_t col = job->L ? at % job->L : 0;
     if (!half && !job->stream)
-        return fr_run_native(job, loops, g, x, y, n, p, col, want_sum, row_sums);
+        return fr_run_native(job, loops, g, x, y, n, p, b, col, want_sum, row_sums);
     float gbuf[FR_STAGE], xbuf[FR_STAGE];
     _Alignas(64) char ybuf[FR_STAGE * sizeof(double) + 64];
     fr_sum total = {0};
@@ -428,7 +442,7 @@ static fr_sum fr_run_stretch(const fr_job *job, ptrdiff_t at, ptrdiff_t n, doubl
             isa->half_to_float(xs, xbuf, m);
             gs = gbuf, xs = xbuf;
         }
-        fr_sum r = fr_run_native(job, loops, gs, xs, half ? xbuf : ys, m, p,
+        fr_sum r = fr_run_native(job, loops, gs, xs, half ? xbuf : ys, m, p, b,
                                  job->L ? (col + s) % job->L : 0, want_sum, row_sums);
         if (job->backward)
             total.wsum += r.wsum;
@@ -443,14 +457,15 @@ static fr_sum fr_run_stretch(const fr_job *job, ptrdiff_t at, ptrdiff_t n, doubl
 /* Elements [a, b) of the job; sums: this thread's partials, or NULL. */
 static void fr_run_share(const fr_job *job, ptrdiff_t a, ptrdiff_t b, void *sums) {
     if (job->L) {
-        if (b > a) fr_run_stretch(job, a, b - a, 0.0, 0, sums);
+        if (b > a) fr_run_stretch(job, a, b - a, 0.0, 0.0, 0, sums);
         return;
     }
     for (ptrdiff_t pos = a; pos < b;) { /* one run of `inner` elements of channel c at a time */
         ptrdiff_t run = pos / job->inner, c = run % job->C;
         ptrdiff_t end = (run + 1) * job->inner < b ? (run + 1) * job->inner : b;
         double p = job->pw ? fr_param(job->dt, job->pw, c) : job->p;
-        fr_sum r = fr_run_stretch(job, pos, end - pos, p, sums != NULL, NULL);
+        double bias = job->bias ? fr_param(job->dt, job->bias, c) : 0.0;
+        fr_sum r = fr_run_stretch(job, pos, end - pos, p, bias, sums != NULL, NULL);
         if (sums && job->backward)
             ((double *)sums)[c] += r.wsum;
         else if (sums)
@@ -483,39 +498,44 @@ static int fr_run(fr_job *job) {
     const size_t csz = dt == FR_F64 ? sizeof(double) : sizeof(float); /* compute type */
     job->stream = (size_t)job->n * fr_itemsize(dt) >= FR_STREAM_MIN_BYTES;
     job->L = 0;
-    job->pw_row = NULL;
+    job->pw_row = job->pb_row = NULL;
     if (job->n == 0) {
         if (job->counts) memset(job->counts, 0, (size_t)job->C * sizeof(int64_t));
         for (ptrdiff_t c = 0; want && job->backward && c < job->C; c++)
-            fr_store(dt, job->grad_weight, c, 0.0);
+            fr_store(dt, job->param_grad, c, 0.0);
         return 0;
     }
     const ptrdiff_t period = job->C * job->inner;
-    void *pw_row = NULL;
-    if ((job->pw || want) && job->inner < FR_MIN_RUN && period <= FR_MAX_ROW) {
+    char *rows = NULL; /* the rows layout's parameters, then its biases */
+    if ((job->pw || job->bias || want) && job->inner < FR_MIN_RUN && period <= FR_MAX_ROW) {
         ptrdiff_t L = period;
         while (L % 16 || L < FR_MIN_ROW) L += period;
-        if (!(pw_row = malloc((size_t)L * csz))) return -1;
-        for (ptrdiff_t c = 0; c < job->C; c++) { /* one period, then copies of it */
-            double pc = job->pw ? fr_param(dt, job->pw, c) : job->p;
-            for (ptrdiff_t i = c * job->inner; i < (c + 1) * job->inner; i++) {
-                if (dt == FR_F64)
-                    ((double *)pw_row)[i] = pc;
-                else
-                    ((float *)pw_row)[i] = (float)pc;
+        if (!(rows = malloc((size_t)L * csz * (job->bias ? 2 : 1)))) return -1;
+        for (int part = 0; part < (job->bias ? 2 : 1); part++) {
+            char *row = rows + (size_t)part * (size_t)L * csz;
+            const void *per_channel = part ? job->bias : job->pw;
+            for (ptrdiff_t c = 0; c < job->C; c++) { /* one period, then copies of it */
+                double v = per_channel ? fr_param(dt, per_channel, c) : job->p;
+                for (ptrdiff_t i = c * job->inner; i < (c + 1) * job->inner; i++) {
+                    if (dt == FR_F64)
+                        ((double *)row)[i] = v;
+                    else
+                        ((float *)row)[i] = (float)v;
+                }
             }
+            for (ptrdiff_t j = period; j < L; j += period)
+                memcpy(row + (size_t)j * csz, row, (size_t)period * csz);
         }
-        for (ptrdiff_t j = period; j < L; j += period)
-            memcpy((char *)pw_row + (size_t)j * csz, pw_row, (size_t)period * csz);
         job->L = L;
-        job->pw_row = pw_row;
+        job->pw_row = rows;
+        job->pb_row = job->bias ? rows + (size_t)L * csz : NULL;
     }
     /* per-thread sums, 8 bytes a column (rows) or channel (runs) */
     const size_t len = job->L ? (size_t)job->L : (size_t)job->C;
     const int nt = fr_threads_for(job->n);
     char *sums = NULL;
     if (want && !(sums = calloc((size_t)nt * len, 8))) {
-        free(pw_row);
+        free(rows);
         return -1;
     }
     FR_PARALLEL(nt, t, {
@@ -537,13 +557,13 @@ static int fr_run(fr_job *job) {
                             fr_add_sum(job, &total, part, col + i);
             }
             if (job->backward)
-                fr_store(dt, job->grad_weight, c, total.wsum);
+                fr_store(dt, job->param_grad, c, total.wsum);
             else
                 job->counts[c] = total.count;
         }
         free(sums);
     }
-    free(pw_row);
+    free(rows);
     return 0;
 }
 

@@ -36,49 +36,58 @@
 
 #define FR_FN(name) FR_CAT(name, FR_SFX)
 
+/* flags (compile-time constants in every instantiation): forward FR_COUNT | FR_BIAS, backward one
+ * of FR_SUM_NONE, FR_SUM_WEIGHT, FR_SUM_GRAD (see fr_job in _kernels.h) */
+
 static FR_INLINE int64_t FR_FN(fwd_flat_t)(int op, const FR_T *x, FR_T *y, ptrdiff_t n, FR_T p,
-                                          int count) {
+                                          FR_T b, int flags) {
     int64_t npos = 0;
 #pragma omp simd reduction(+ : npos)
     for (ptrdiff_t i = 0; i < n; i++) {
         FR_T v = x[i];
+        if (flags & FR_BIAS) v = v + b;
         y[i] = FR_Y(op, v, p, FR_T, FR_EXPM1);
-        if (count) npos += v > 0;
+        if (flags & FR_COUNT) npos += v > 0;
     }
     return npos;
 }
 
 static FR_INLINE double FR_FN(bwd_flat_t)(int op, const FR_T *g, const FR_T *x, FR_T *dx,
-                                         ptrdiff_t n, FR_T p, int wsum) {
+                                         ptrdiff_t n, FR_T p, int sum) {
     double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
     for (ptrdiff_t i = 0; i < n; i++) {
-        FR_T v = x[i], gi = g[i];
-        dx[i] = FR_DX(op, v, gi, p, FR_T, FR_EXP);
-        /* the products of two floats are exact in double, so only the sum rounds */
-        if (wsum) acc += v > 0 ? 0.0 : (double)v * (double)gi;
+        FR_T v = x[i], gi = g[i], d = FR_DX(op, v, gi, p, FR_T, FR_EXP);
+        dx[i] = d;
+        /* the product of two floats is exact in double, so only the sum rounds */
+        if (sum == FR_SUM_WEIGHT) acc += v > 0 ? 0.0 : (double)v * (double)gi;
+        if (sum == FR_SUM_GRAD) acc += d;
     }
     return acc;
 }
 
-/* One stretch of a periodic loop: columns j0 .. j0+n-1 of one row, n <= L - j0. */
+/* One stretch of a rows loop: columns j0 .. j0+n-1 of one row, n <= L - j0; pw, pb and the sums
+ * start at column j0. */
 static FR_INLINE void FR_FN(fwd_row_t)(int op, const FR_T *x, FR_T *y, ptrdiff_t n,
-                                      const FR_T *pw, int64_t *counts, int count) {
+                                      const FR_T *pw, const FR_T *pb, int64_t *counts,
+                                      int flags) {
 #pragma omp simd
     for (ptrdiff_t j = 0; j < n; j++) {
         FR_T v = x[j];
+        if (flags & FR_BIAS) v = v + pb[j];
         y[j] = FR_Y(op, v, pw[j], FR_T, FR_EXPM1);
-        if (count) counts[j] += v > 0;
+        if (flags & FR_COUNT) counts[j] += v > 0;
     }
 }
 
 static FR_INLINE void FR_FN(bwd_row_t)(int op, const FR_T *g, const FR_T *x, FR_T *dx,
-                                      ptrdiff_t n, const FR_T *pw, double *wsums, int wsum) {
+                                      ptrdiff_t n, const FR_T *pw, double *sums, int sum) {
 #pragma omp simd
     for (ptrdiff_t j = 0; j < n; j++) {
-        FR_T v = x[j], gj = g[j];
-        dx[j] = FR_DX(op, v, gj, pw[j], FR_T, FR_EXP);
-        if (wsum) wsums[j] += v > 0 ? 0.0 : (double)v * (double)gj;
+        FR_T v = x[j], gj = g[j], d = FR_DX(op, v, gj, pw[j], FR_T, FR_EXP);
+        dx[j] = d;
+        if (sum == FR_SUM_WEIGHT) sums[j] += v > 0 ? 0.0 : (double)v * (double)gj;
+        if (sum == FR_SUM_GRAD) sums[j] += d;
     }
 }
 
@@ -90,48 +99,86 @@ static FR_INLINE void FR_FN(bwd_row_t)(int op, const FR_T *g, const FR_T *x, FR_
         k_ += len_;                                                                             \
     }
 
-/* The non-inline entry points, one per op: the signatures of fr_loops in _kernels.h. */
+/* The non-inline entry points, one per op (the signatures of fr_loops in _kernels.h); each runs
+ * the instantiation of its flags. */
 #define FR_INSTANTIATE(OPNAME, OP)                                                              \
     static int64_t FR_FN(FR_CAT(fwd_flat_, OPNAME))(const void *x, void *y, ptrdiff_t n,        \
-                                                   double p, int count) {                       \
-        return count ? FR_FN(fwd_flat_t)(OP, x, y, n, (FR_T)p, 1)                               \
-                     : FR_FN(fwd_flat_t)(OP, x, y, n, (FR_T)p, 0);                              \
+                                                   double p, double b, int flags) {             \
+        switch (flags) {                                                                        \
+        case 0: return FR_FN(fwd_flat_t)(OP, x, y, n, (FR_T)p, (FR_T)b, 0);                     \
+        case FR_COUNT: return FR_FN(fwd_flat_t)(OP, x, y, n, (FR_T)p, (FR_T)b, FR_COUNT);       \
+        case FR_BIAS: return FR_FN(fwd_flat_t)(OP, x, y, n, (FR_T)p, (FR_T)b, FR_BIAS);         \
+        default:                                                                                \
+            return FR_FN(fwd_flat_t)(OP, x, y, n, (FR_T)p, (FR_T)b, FR_COUNT | FR_BIAS);        \
+        }                                                                                       \
     }                                                                                           \
     static double FR_FN(FR_CAT(bwd_flat_, OPNAME))(const void *g, const void *x, void *dx,      \
-                                                  ptrdiff_t n, double p, int wsum) {            \
-        return wsum ? FR_FN(bwd_flat_t)(OP, g, x, dx, n, (FR_T)p, 1)                            \
-                    : FR_FN(bwd_flat_t)(OP, g, x, dx, n, (FR_T)p, 0);                           \
+                                                  ptrdiff_t n, double p, int sum) {             \
+        switch (sum) {                                                                          \
+        case FR_SUM_NONE: return FR_FN(bwd_flat_t)(OP, g, x, dx, n, (FR_T)p, FR_SUM_NONE);      \
+        case FR_SUM_WEIGHT: return FR_FN(bwd_flat_t)(OP, g, x, dx, n, (FR_T)p, FR_SUM_WEIGHT);  \
+        default: return FR_FN(bwd_flat_t)(OP, g, x, dx, n, (FR_T)p, FR_SUM_GRAD);               \
+        }                                                                                       \
     }                                                                                           \
     static void FR_FN(FR_CAT(fwd_rows_, OPNAME))(const void *x_, void *y_, ptrdiff_t n,         \
                                                 ptrdiff_t L, ptrdiff_t j0, const void *pw_,     \
-                                                int64_t *counts) {                              \
-        const FR_T *x = x_, *pw = pw_;                                                          \
+                                                const void *pb_, int64_t *counts) {             \
+        const FR_T *x = x_, *pw = pw_, *pb = pb_;                                               \
         FR_T *y = y_;                                                                           \
-        FR_FOR_ROW_STRETCHES(n, L, j0, if (counts) FR_FN(fwd_row_t)(OP, x + k_, y + k_, len_,   \
-                                                                    pw + j_, counts + j_, 1);   \
-                             else FR_FN(fwd_row_t)(OP, x + k_, y + k_, len_, pw + j_, 0, 0))    \
+        const int flags = (counts ? FR_COUNT : 0) | (pb ? FR_BIAS : 0);                         \
+        FR_FOR_ROW_STRETCHES(n, L, j0, {                                                        \
+            const FR_T *pbj = pb ? pb + j_ : NULL;                                              \
+            int64_t *cj = counts ? counts + j_ : NULL;                                          \
+            switch (flags) {                                                                    \
+            case 0: FR_FN(fwd_row_t)(OP, x + k_, y + k_, len_, pw + j_, pbj, cj, 0); break;     \
+            case FR_COUNT:                                                                      \
+                FR_FN(fwd_row_t)(OP, x + k_, y + k_, len_, pw + j_, pbj, cj, FR_COUNT);         \
+                break;                                                                          \
+            case FR_BIAS:                                                                       \
+                FR_FN(fwd_row_t)(OP, x + k_, y + k_, len_, pw + j_, pbj, cj, FR_BIAS);          \
+                break;                                                                          \
+            default:                                                                            \
+                FR_FN(fwd_row_t)(OP, x + k_, y + k_, len_, pw + j_, pbj, cj,                    \
+                                 FR_COUNT | FR_BIAS);                                           \
+            }                                                                                   \
+        })                                                                                      \
     }                                                                                           \
     static void FR_FN(FR_CAT(bwd_rows_, OPNAME))(const void *g_, const void *x_, void *dx_,     \
                                                 ptrdiff_t n, ptrdiff_t L, ptrdiff_t j0,         \
-                                                const void *pw_, double *wsums) {               \
+                                                const void *pw_, double *sums, int sum) {       \
         const FR_T *g = g_, *x = x_, *pw = pw_;                                                 \
         FR_T *dx = dx_;                                                                         \
-        FR_FOR_ROW_STRETCHES(n, L, j0, if (wsums) FR_FN(bwd_row_t)(OP, g + k_, x + k_, dx + k_, \
-                                                                   len_, pw + j_, wsums + j_, 1); \
-                             else FR_FN(bwd_row_t)(OP, g + k_, x + k_, dx + k_, len_, pw + j_,  \
-                                                   0, 0))                                       \
+        FR_FOR_ROW_STRETCHES(n, L, j0, {                                                        \
+            double *sj = sums ? sums + j_ : NULL;                                               \
+            switch (sum) {                                                                      \
+            case FR_SUM_NONE:                                                                   \
+                FR_FN(bwd_row_t)(OP, g + k_, x + k_, dx + k_, len_, pw + j_, sj, FR_SUM_NONE);  \
+                break;                                                                          \
+            case FR_SUM_WEIGHT:                                                                 \
+                FR_FN(bwd_row_t)(OP, g + k_, x + k_, dx + k_, len_, pw + j_, sj,                \
+                                 FR_SUM_WEIGHT);                                                \
+                break;                                                                          \
+            default:                                                                            \
+                FR_FN(bwd_row_t)(OP, g + k_, x + k_, dx + k_, len_, pw + j_, sj, FR_SUM_GRAD);  \
+            }                                                                                   \
+        })                                                                                      \
     }
 
 FR_INSTANTIATE(relu, FR_RELU)
 FR_INSTANTIATE(leaky, FR_LEAKY)
 FR_INSTANTIATE(elu, FR_ELU)
 FR_INSTANTIATE(copy, FR_COPY)
+FR_INSTANTIATE(elu_from_y, FR_ELU_FROM_Y)
 
 static const fr_loops FR_FN(loops) = {
-    {FR_FN(fwd_flat_relu), FR_FN(fwd_flat_leaky), FR_FN(fwd_flat_elu), FR_FN(fwd_flat_copy)},
-    {FR_FN(bwd_flat_relu), FR_FN(bwd_flat_leaky), FR_FN(bwd_flat_elu), FR_FN(bwd_flat_copy)},
-    {FR_FN(fwd_rows_relu), FR_FN(fwd_rows_leaky), FR_FN(fwd_rows_elu), FR_FN(fwd_rows_copy)},
-    {FR_FN(bwd_rows_relu), FR_FN(bwd_rows_leaky), FR_FN(bwd_rows_elu), FR_FN(bwd_rows_copy)},
+    {FR_FN(fwd_flat_relu), FR_FN(fwd_flat_leaky), FR_FN(fwd_flat_elu), FR_FN(fwd_flat_copy),
+     FR_FN(fwd_flat_elu_from_y)},
+    {FR_FN(bwd_flat_relu), FR_FN(bwd_flat_leaky), FR_FN(bwd_flat_elu), FR_FN(bwd_flat_copy),
+     FR_FN(bwd_flat_elu_from_y)},
+    {FR_FN(fwd_rows_relu), FR_FN(fwd_rows_leaky), FR_FN(fwd_rows_elu), FR_FN(fwd_rows_copy),
+     FR_FN(fwd_rows_elu_from_y)},
+    {FR_FN(bwd_rows_relu), FR_FN(bwd_rows_leaky), FR_FN(bwd_rows_elu), FR_FN(bwd_rows_copy),
+     FR_FN(bwd_rows_elu_from_y)},
 };
 
 #undef FR_INSTANTIATE
