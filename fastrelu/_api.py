@@ -285,9 +285,18 @@ def prelu_backward(grad, x, weight, axis=1, *, out=None):
     return _backward(LEAKY, grad, x, out[0], 0.0, weight, axis, out[1])
 
 
-def elu_backward(grad, x, alpha=1.0, *, out=None):
-    """Gradient of elu w.r.t. x: ``x <= 0 ? grad * alpha * exp(x) : grad``."""
-    return _backward(ELU, grad, x, out, _real("alpha", alpha))
+def elu_backward(grad, x, alpha=1.0, *, out=None, from_output=False):
+    """Gradient of elu w.r.t. x: ``x <= 0 ? grad * alpha * exp(x) : grad``.
+
+    With ``from_output=True``, `x` is elu's output y instead, and the gradient is
+    ``y <= 0 ? grad * (y + alpha) : grad`` (PyTorch's form; equal up to the rounding of y, and
+    it needs alpha >= 0, for which y <= 0 exactly when x <= 0)."""
+    alpha = _real("alpha", alpha)
+    if not from_output:
+        return _backward(ELU, grad, x, out, alpha)
+    if alpha < 0:
+        raise ValueError(f"from_output needs alpha >= 0, got {alpha}")
+    return _backward(ELU_FROM_Y, grad, x, out, alpha)
 
 
 # ---- fused bias + activation --------------------------------------------------------------------

@@ -200,3 +200,17 @@ def test_bias_activation_errors():
     with pytest.raises(ValueError, match="overlaps bias"):
         buf = np.zeros(16)
         fastrelu.bias_activation(x, buf[:4], out=buf[2:14].reshape(3, 4))
+
+
+def test_elu_backward_from_output():
+    x = np.random.default_rng(5).standard_normal(1000) * 3
+    x[:4] = [np.nan, -0.0, -np.inf, 0.0]
+    g = np.random.default_rng(6).standard_normal(1000)
+    y = fastrelu.elu(x, 0.8)
+    from_y = fastrelu.elu_backward(g, y, 0.8, from_output=True)
+    from_x = fastrelu.elu_backward(g, x, 0.8)
+    np.testing.assert_allclose(from_y, from_x, rtol=1e-14, atol=1e-15)
+    expected = np.where(y <= 0, g * (y + 0.8), g)
+    assert_bitwise(from_y, expected)
+    with pytest.raises(ValueError, match="alpha >= 0"):
+        fastrelu.elu_backward(g, y, -0.5, from_output=True)
