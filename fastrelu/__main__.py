@@ -1,5 +1,5 @@
-"""Command line: ``fastrelu bench`` (the benchmark report) and ``fastrelu info``; also
-``python -m fastrelu ...``."""
+"""Command line: ``fastrelu bench`` (the benchmark report), ``fastrelu experiment`` (is leaky
+worth it?) and ``fastrelu info``; also ``python -m fastrelu ...``."""
 import argparse
 import json
 import sys
@@ -16,6 +16,12 @@ def _bench(args):
     from . import bench
 
     return bench.main(args)
+
+
+def _experiment(args):
+    from . import experiment
+
+    return experiment.main(args)
 
 
 def main(argv=None):
@@ -37,8 +43,24 @@ def main(argv=None):
     b.add_argument("--plot", metavar="PATH", help="write a PNG plot (needs matplotlib)")
     b.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: the GPU backend on CuPy arrays")
+    e = commands.add_parser(
+        "experiment", help="train one MLP with each activation: accuracy, dead units, time",
+        description="Trains the same MLP with ReLU, Leaky ReLU (0.01, 0.2), PReLU and ELU in "
+        "three settings (2x100, 8 layers, negative bias init) and reports test accuracy, dead "
+        "units per layer, sparsity and time per epoch.")
+    e.add_argument("--quick", action="store_true", help="1 seed, 3 epochs (< 30 s)")
+    e.add_argument("--data", metavar="DIR", help="MNIST IDX files (default: scikit-learn's "
+                   "digits)")
+    e.add_argument("--seeds", type=int, help="seeds per configuration (default 5)")
+    e.add_argument("--epochs", type=int, help="epochs per run (default 30)")
+    e.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
+    e.add_argument("--configs", help="comma-separated subset of mlp,deep,dying")
+    e.add_argument("--activations", help="comma-separated subset of relu,leaky_relu(0.01),"
+                   "leaky_relu(0.2),prelu,elu")
+    e.add_argument("--json", metavar="PATH", help="write every run's history as JSON")
+    e.add_argument("--plot", metavar="PATH", help="write PNG plots (needs matplotlib)")
     args = parser.parse_args(argv)
-    return {"info": _info, "bench": _bench}[args.command](args)
+    return {"info": _info, "bench": _bench, "experiment": _experiment}[args.command](args)
 
 
 if __name__ == "__main__":
