@@ -154,14 +154,20 @@ def _prelu_weight(weight, shape, axis):
 def _forward(op, x, out, p, weight=None, axis=1, stats=False):
     """op(x), with PReLU's `weight` along `axis`; with `stats`, also the positive counts per unit
     along `axis` (one unit when x has fewer than 2 dims)."""
-    if not stats and _cpu.is_plain_call(x, out):  # the common call: nothing to convert or fail
-        if weight is None:
-            return _cpu.forward(op, x, out, p, None, None, False)[0]
-        plain_axis = _cpu.plain_prelu_axis(x, weight, axis)
-        if plain_axis is not None:
-            if plain_axis < 0:
-                return _cpu.forward(op, x, out, float(weight.reshape(())), None, None, False)[0]
-            return _cpu.forward(op, x, out, 0.0, weight, plain_axis, False)[0]
+    if _cpu.is_plain_call(x, out):  # the common calls: nothing to convert, nothing can fail
+        if not stats:
+            if weight is None:
+                return _cpu.forward(op, x, out, p, None, None, False)[0]
+            plain_axis = _cpu.plain_prelu_axis(x, weight, axis)
+            if plain_axis is not None:
+                if plain_axis < 0:
+                    return _cpu.forward(op, x, out, float(weight.reshape(())), None, None,
+                                        False)[0]
+                return _cpu.forward(op, x, out, 0.0, weight, plain_axis, False)[0]
+        elif (stats is True and weight is None and type(axis) is int and x.ndim >= 2
+              and -x.ndim <= axis < x.ndim):
+            y, counts = _cpu.forward(op, x, out, p, None, axis % x.ndim, True)
+            return y, _activation_stats(counts, x.shape, axis % x.ndim)
     if weight is None:
         (x,), dtype = _host_arrays([("x", x)])
         weight_axis = None

@@ -91,13 +91,78 @@ static FR_INLINE void FR_FN(bwd_row_t)(int op, const FR_T *g, const FR_T *x, FR_
     }
 }
 
-/* Walks n elements that start at column j0 of rows of length L, one row stretch at a time. */
-#define FR_FOR_ROW_STRETCHES(n, L, j0, BODY)                                                    \
-    for (ptrdiff_t k_ = 0, j_ = (j0); k_ < (n); j_ = 0) {                                       \
-        ptrdiff_t len_ = (L) - j_ < (n) - k_ ? (L) - j_ : (n) - k_;                             \
-        BODY;                                                                                   \
-        k_ += len_;                                                                             \
+/* FR_ROWS_AT_ONCE whole rows: the column sums are loaded and stored once for them all, not once
+ * per row (that traffic, not the arithmetic, is what gathering per-column sums costs). */
+#define FR_ROWS_AT_ONCE 8
+
+static FR_INLINE void FR_FN(fwd_rows_at_once_t)(int op, const FR_T *x, FR_T *y, ptrdiff_t L,
+                                               const FR_T *pw, const FR_T *pb, int64_t *counts,
+                                               int flags) {
+#pragma omp simd
+    for (ptrdiff_t j = 0; j < L; j++) {
+        int64_t c = 0;
+        for (int r = 0; r < FR_ROWS_AT_ONCE; r++) {
+            FR_T v = x[r * L + j];
+            if (flags & FR_BIAS) v = v + pb[j];
+            y[r * L + j] = FR_Y(op, v, pw[j], FR_T, FR_EXPM1);
+            c += v > 0;
+        }
+        counts[j] += c;
     }
+}
+
+static FR_INLINE void FR_FN(bwd_rows_at_once_t)(int op, const FR_T *g, const FR_T *x, FR_T *dx,
+                                               ptrdiff_t L, const FR_T *pw, double *sums,
+                                               int sum) {
+#pragma omp simd
+    for (ptrdiff_t j = 0; j < L; j++) {
+        double s = 0.0;
+        for (int r = 0; r < FR_ROWS_AT_ONCE; r++) {
+            FR_T v = x[r * L + j], gj = g[r * L + j], d = FR_DX(op, v, gj, pw[j], FR_T, FR_EXP);
+            dx[r * L + j] = d;
+            if (sum == FR_SUM_WEIGHT) s += v > 0 ? 0.0 : (double)v * (double)gj;
+            if (sum == FR_SUM_GRAD) s += d;
+        }
+        sums[j] += s;
+    }
+}
+
+/* n elements that start at column j0 of rows of length L: a first partial row, then (when sums
+ * are gathered) FR_ROWS_AT_ONCE whole rows at a time, then row by row. */
+static FR_INLINE void FR_FN(fwd_rows_t)(int op, const FR_T *x, FR_T *y, ptrdiff_t n, ptrdiff_t L,
+                                       ptrdiff_t j0, const FR_T *pw, const FR_T *pb,
+                                       int64_t *counts, int flags) {
+    ptrdiff_t k = 0;
+    if (j0) {
+        k = L - j0 < n ? L - j0 : n;
+        FR_FN(fwd_row_t)(op, x, y, k, pw + j0, pb ? pb + j0 : NULL, counts ? counts + j0 : NULL,
+                         flags);
+    }
+    if (flags & FR_COUNT)
+        for (; n - k >= FR_ROWS_AT_ONCE * L; k += FR_ROWS_AT_ONCE * L)
+            FR_FN(fwd_rows_at_once_t)(op, x + k, y + k, L, pw, pb, counts, flags);
+    for (ptrdiff_t len; k < n; k += len) {
+        len = L < n - k ? L : n - k;
+        FR_FN(fwd_row_t)(op, x + k, y + k, len, pw, pb, counts, flags);
+    }
+}
+
+static FR_INLINE void FR_FN(bwd_rows_t)(int op, const FR_T *g, const FR_T *x, FR_T *dx,
+                                       ptrdiff_t n, ptrdiff_t L, ptrdiff_t j0, const FR_T *pw,
+                                       double *sums, int sum) {
+    ptrdiff_t k = 0;
+    if (j0) {
+        k = L - j0 < n ? L - j0 : n;
+        FR_FN(bwd_row_t)(op, g, x, dx, k, pw + j0, sums ? sums + j0 : NULL, sum);
+    }
+    if (sum != FR_SUM_NONE)
+        for (; n - k >= FR_ROWS_AT_ONCE * L; k += FR_ROWS_AT_ONCE * L)
+            FR_FN(bwd_rows_at_once_t)(op, g + k, x + k, dx + k, L, pw, sums, sum);
+    for (ptrdiff_t len; k < n; k += len) {
+        len = L < n - k ? L : n - k;
+        FR_FN(bwd_row_t)(op, g + k, x + k, dx + k, len, pw, sums, sum);
+    }
+}
 
 /* The non-inline entry points, one per op (the signatures of fr_loops in _kernels.h); each runs
  * the instantiation of its flags. */
@@ -120,48 +185,26 @@ static FR_INLINE void FR_FN(bwd_row_t)(int op, const FR_T *g, const FR_T *x, FR_
         default: return FR_FN(bwd_flat_t)(OP, g, x, dx, n, (FR_T)p, FR_SUM_GRAD);               \
         }                                                                                       \
     }                                                                                           \
-    static void FR_FN(FR_CAT(fwd_rows_, OPNAME))(const void *x_, void *y_, ptrdiff_t n,         \
-                                                ptrdiff_t L, ptrdiff_t j0, const void *pw_,     \
-                                                const void *pb_, int64_t *counts) {             \
-        const FR_T *x = x_, *pw = pw_, *pb = pb_;                                               \
-        FR_T *y = y_;                                                                           \
-        const int flags = (counts ? FR_COUNT : 0) | (pb ? FR_BIAS : 0);                         \
-        FR_FOR_ROW_STRETCHES(n, L, j0, {                                                        \
-            const FR_T *pbj = pb ? pb + j_ : NULL;                                              \
-            int64_t *cj = counts ? counts + j_ : NULL;                                          \
-            switch (flags) {                                                                    \
-            case 0: FR_FN(fwd_row_t)(OP, x + k_, y + k_, len_, pw + j_, pbj, cj, 0); break;     \
-            case FR_COUNT:                                                                      \
-                FR_FN(fwd_row_t)(OP, x + k_, y + k_, len_, pw + j_, pbj, cj, FR_COUNT);         \
-                break;                                                                          \
-            case FR_BIAS:                                                                       \
-                FR_FN(fwd_row_t)(OP, x + k_, y + k_, len_, pw + j_, pbj, cj, FR_BIAS);          \
-                break;                                                                          \
-            default:                                                                            \
-                FR_FN(fwd_row_t)(OP, x + k_, y + k_, len_, pw + j_, pbj, cj,                    \
-                                 FR_COUNT | FR_BIAS);                                           \
-            }                                                                                   \
-        })                                                                                      \
+    static void FR_FN(FR_CAT(fwd_rows_, OPNAME))(const void *x, void *y, ptrdiff_t n,           \
+                                                ptrdiff_t L, ptrdiff_t j0, const void *pw,      \
+                                                const void *pb, int64_t *counts) {              \
+        switch ((counts ? FR_COUNT : 0) | (pb ? FR_BIAS : 0)) {                                 \
+        case 0: FR_FN(fwd_rows_t)(OP, x, y, n, L, j0, pw, pb, counts, 0); break;                \
+        case FR_COUNT: FR_FN(fwd_rows_t)(OP, x, y, n, L, j0, pw, pb, counts, FR_COUNT); break;  \
+        case FR_BIAS: FR_FN(fwd_rows_t)(OP, x, y, n, L, j0, pw, pb, counts, FR_BIAS); break;    \
+        default: FR_FN(fwd_rows_t)(OP, x, y, n, L, j0, pw, pb, counts, FR_COUNT | FR_BIAS);     \
+        }                                                                                       \
     }                                                                                           \
-    static void FR_FN(FR_CAT(bwd_rows_, OPNAME))(const void *g_, const void *x_, void *dx_,     \
+    static void FR_FN(FR_CAT(bwd_rows_, OPNAME))(const void *g, const void *x, void *dx,        \
                                                 ptrdiff_t n, ptrdiff_t L, ptrdiff_t j0,         \
-                                                const void *pw_, double *sums, int sum) {       \
-        const FR_T *g = g_, *x = x_, *pw = pw_;                                                 \
-        FR_T *dx = dx_;                                                                         \
-        FR_FOR_ROW_STRETCHES(n, L, j0, {                                                        \
-            double *sj = sums ? sums + j_ : NULL;                                               \
-            switch (sum) {                                                                      \
-            case FR_SUM_NONE:                                                                   \
-                FR_FN(bwd_row_t)(OP, g + k_, x + k_, dx + k_, len_, pw + j_, sj, FR_SUM_NONE);  \
-                break;                                                                          \
-            case FR_SUM_WEIGHT:                                                                 \
-                FR_FN(bwd_row_t)(OP, g + k_, x + k_, dx + k_, len_, pw + j_, sj,                \
-                                 FR_SUM_WEIGHT);                                                \
-                break;                                                                          \
-            default:                                                                            \
-                FR_FN(bwd_row_t)(OP, g + k_, x + k_, dx + k_, len_, pw + j_, sj, FR_SUM_GRAD);  \
-            }                                                                                   \
-        })                                                                                      \
+                                                const void *pw, double *sums, int sum) {        \
+        switch (sums ? sum : FR_SUM_NONE) {                                                     \
+        case FR_SUM_NONE: FR_FN(bwd_rows_t)(OP, g, x, dx, n, L, j0, pw, sums, 0); break;        \
+        case FR_SUM_WEIGHT:                                                                     \
+            FR_FN(bwd_rows_t)(OP, g, x, dx, n, L, j0, pw, sums, FR_SUM_WEIGHT);                 \
+            break;                                                                              \
+        default: FR_FN(bwd_rows_t)(OP, g, x, dx, n, L, j0, pw, sums, FR_SUM_GRAD);              \
+        }                                                                                       \
     }
 
 FR_INSTANTIATE(relu, FR_RELU)
@@ -182,7 +225,6 @@ static const fr_loops FR_FN(loops) = {
 };
 
 #undef FR_INSTANTIATE
-#undef FR_FOR_ROW_STRETCHES
 #undef FR_FN
 
 #endif /* FR_T */

@@ -21,7 +21,7 @@ from ._api import elu, elu_backward, leaky_relu, leaky_relu_backward, prelu, pre
 from ._api import relu, relu_backward
 from ._runtime import get_num_threads, info, set_num_threads
 
-OPS = ("relu", "leaky_relu", "prelu", "elu")
+OPS = ("relu", "leaky_relu", "prelu", "elu", "relu_stats")  # relu_stats: relu(stats=True)
 SLOPE, ALPHA, CHANNELS = 0.01, 1.0, 100  # PReLU data is (N, CHANNELS), axis 1: an MLP layer
 DEFAULT_SIZES = ("1e3", "1e5", "1e6", "stream")
 QUICK_SIZES = ("1e3", "1e5", "1e6")
@@ -126,6 +126,7 @@ def fastrelu_impls(d):
         ("prelu", "bwd"): lambda: prelu_backward(d.g3, d.x3, d.w, 1, out=(d.out3, d.gw)),
         ("elu", "fwd"): lambda: elu(d.x, ALPHA, out=d.out),
         ("elu", "bwd"): lambda: elu_backward(d.g, d.x, ALPHA, out=d.out),
+        ("relu_stats", "fwd"): lambda: relu(d.x3, out=d.out3, stats=True, axis=1),
     }
 
 
@@ -140,6 +141,7 @@ def numpy_impls(d):
         ("prelu", "bwd"): lambda: reference.prelu_backward(d.g3, d.x3, d.w, 1),
         ("elu", "fwd"): lambda: reference.elu(d.x, ALPHA),
         ("elu", "bwd"): lambda: reference.elu_backward(d.g, d.x, ALPHA),
+        ("relu_stats", "fwd"): lambda: (reference.relu(d.x3), (d.x3 > 0).sum(axis=0)),
     }
 
 
@@ -308,6 +310,8 @@ def run_size(d, impls, ops, repeats, min_time, progress):
     itemsize = d.dtype.itemsize
     for op in ops:
         for direction in ("fwd", "bwd"):
+            if ("fastrelu", op, direction) not in seconds:
+                continue
             t = seconds[("fastrelu", op, direction)]
             nbytes = (2 if direction == "fwd" else 3) * n * itemsize
             row = {
@@ -457,7 +461,8 @@ def main(args):
             print(f"  ({', '.join(single)}: one call each, over {SLOW_CALL} s a call)")
     ratios = cost_ratios(all_rows)
     if ratios:
-        print("\ncost of leakiness: time(op) / time(relu) at the same size and direction")
+        print("\ncost over ReLU: time(op) / time(relu) at the same size and direction "
+              "(relu_stats: relu with stats=True)")
         for r in ratios:
             print(f"  {r['op']:<11}{r['direction']:<5}{human_size(r['elements']):>14}"
                   f"{r['ratio']:>7.2f}")

@@ -17,17 +17,17 @@ def test_quick_report_runs_and_writes_json(tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert "x copy" in res.stdout and "vs numpy" in res.stdout
-    assert "cost of leakiness" in res.stdout
+    assert "cost over ReLU" in res.stdout
     report = json.loads(out.read_text())
     rows = report["rows"]
     assert {(r["op"], r["direction"]) for r in rows} == {
-        (op, d) for op in bench.OPS for d in ("fwd", "bwd")}
+        (op, d) for op in bench.OPS for d in ("fwd", "bwd") if (op, d) != ("relu_stats", "bwd")}
     assert {r["elements"] for r in rows} == {1000, 10000}
     for r in rows:
         assert r["seconds"] > 0 and r["roofline_fraction"] > 0 and r["peers"]["numpy"] > 0
         assert r["bytes"] == (2 if r["direction"] == "fwd" else 3) * r["elements"] * 4
     assert report["machine"]["simd"] in ("baseline", "avx2", "avx512")
-    assert {c["op"] for c in report["cost_ratios"]} == {"leaky_relu", "prelu", "elu"}
+    assert {c["op"] for c in report["cost_ratios"]} == {"leaky_relu", "prelu", "elu", "relu_stats"}
 
 
 def test_bad_options_are_reported():
