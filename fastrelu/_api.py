@@ -101,6 +101,146 @@ def _check_out(name, out, shape, dtype, inputs):
             )
 
 
+# ---- CUDA arrays ---------------------------------------------------------------------------------
+
+def _is_device(a):
+    """A CUDA array: anything exporting __cuda_array_interface__ (CuPy, PyTorch CUDA tensors,
+    numba), or a numba device array of the CUDA simulator (which exports none)."""
+    if isinstance(a, (np.ndarray, *_PYTHON_VALUES)) or a is None:
+        return False
+    module = type(a).__module__
+    if module.startswith("torch"):
+        return bool(getattr(a, "is_cuda", False))
+    if module.startswith("numba") and hasattr(a, "copy_to_host"):
+        return True
+    return hasattr(a, "__cuda_array_interface__")
+
+
+class _DeviceView:
+    """What validation needs of a CUDA array: shape, dtype, byte strides, address, writability."""
+
+    __slots__ = ("obj", "shape", "dtype", "strides", "ptr", "readonly")
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    def __init__(self, name, obj):
+        self.obj = obj
+        if type(obj).__module__.startswith("torch") and obj.requires_grad:
+            raise TypeError(f"{name} requires grad and exports no CUDA array interface: "
+                            f"pass {name}.detach()")
+        interface = getattr(obj, "__cuda_array_interface__", None)
+        if interface is not None:
+            self.shape = tuple(interface["shape"])
+            self.dtype = np.dtype(interface["typestr"])
+            self.ptr, self.readonly = interface["data"]
+            strides = interface.get("strides")
+            self.strides = tuple(strides) if strides is not None else \
+                _c_strides(self.shape, self.dtype.itemsize)
+        else:  # the simulator's arrays wrap a NumPy array
+            host = obj._ary
+            self.shape, self.dtype, self.strides = host.shape, host.dtype, host.strides
+            self.ptr, self.readonly = host.ctypes.data, not host.flags.writeable
+
+    def extent(self):
+        lo = hi = self.ptr
+        for n, s in zip(self.shape, self.strides):
+            lo, hi = (lo + s * (n - 1), hi) if s < 0 else (lo, hi + s * (n - 1))
+        return lo, hi + self.dtype.itemsize
+
+    def same_memory(self, other):
+        return (self.ptr, self.shape, self.strides) == (other.ptr, other.shape, other.strides)
+
+    def overlaps(self, other):
+        if not math.prod(self.shape) or not math.prod(other.shape):
+            return False
+        (a0, a1), (b0, b1) = self.extent(), other.extent()
+        return a0 < b1 and b0 < a1
+
+    def contiguous(self):
+        c = _c_strides(self.shape, self.dtype.itemsize)
+        f = tuple(reversed(_c_strides(tuple(reversed(self.shape)), self.dtype.itemsize)))
+        return all(s == cs or n <= 1 for n, s, cs in zip(self.shape, self.strides, c)) or \
+            all(s == fs or n <= 1 for n, s, fs in zip(self.shape, self.strides, f))
+
+
+def _c_strides(shape, itemsize):
+    strides, step = [], itemsize
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _gpu():
+    try:
+        from . import _gpu
+    except ImportError as exc:
+        raise ImportError(
+            f"fastrelu's GPU backend needs numba's CUDA target ({exc}): "
+            "pip install 'fastrelu[cuda]' (numba and numba-cuda)") from None
+    return _gpu
+
+
+def _device_arrays(named):
+    """Validates CUDA array arguments [(name, value)]: all CUDA arrays (Python numbers and lists
+    are allowed for parameters), of one float dtype.  Returns (views, dtype); Python values come
+    back as NumPy arrays of that dtype, to be uploaded."""
+    views, dtype, first = [], None, None
+    for name, value in named:
+        if isinstance(value, _PYTHON_VALUES):
+            views.append(None)
+            continue
+        if not _is_device(value):
+            raise TypeError(
+                f"{name} is a host array ({type(value).__name__}) but the call has CUDA arrays: "
+                "mixing host and device arrays is not supported; move them to one side")
+        view = _DeviceView(name, value)
+        dt = _array_dtype(name, view)
+        if dtype is None:
+            dtype, first = dt, name
+        elif dt is not dtype:
+            raise TypeError(f"{name} has dtype {dt} but {first} has dtype {dtype}; they must match")
+        if type(value).__module__.startswith("numba") and not view.contiguous():
+            raise TypeError(f"{name} is a strided numba device array: make it contiguous first "
+                            "(CuPy arrays and PyTorch tensors of any layout are accepted)")
+        views.append(view)
+    if dtype is None:
+        raise TypeError("no CUDA array among the arguments")
+    for i, (name, value) in enumerate(named):
+        if views[i] is None:
+            views[i] = _from_python(name, value, dtype)
+    return views, dtype
+
+
+def _check_device_out(name, out, shape, dtype, inputs):
+    """Like _check_out, for a CUDA `out` and the CUDA inputs' views."""
+    if not _is_device(out):
+        raise TypeError(f"{name} must be a CUDA array like the inputs, not {type(out).__name__}")
+    view = _DeviceView(name, out)
+    if view.dtype.char != dtype.char or view.dtype.kind != "f":
+        raise TypeError(f"{name} has dtype {view.dtype} but the result has dtype {dtype}")
+    if view.shape != shape:
+        raise ValueError(f"{name} has shape {view.shape} but the result has shape {shape}")
+    if view.readonly:
+        raise ValueError(f"{name} is read-only")
+    if type(out).__module__.startswith("numba") and not view.contiguous():
+        raise TypeError(f"{name} is a strided numba device array: make it contiguous first")
+    for in_name, arr in inputs:
+        if isinstance(arr, _DeviceView) and view.overlaps(arr) and not view.same_memory(arr):
+            raise ValueError(
+                f"{name} partially overlaps {in_name}; pass {in_name} itself to work in place, "
+                "or an array that shares no memory with it"
+            )
+    return view
+
+
+def _check_stream(stream, device):
+    if stream is not None and not device:
+        raise TypeError("stream= applies to CUDA arrays only")
+
+
 # ---- scalars and axes ---------------------------------------------------------------------------
 
 
@@ -151,10 +291,10 @@ def _prelu_weight(weight, shape, axis):
 # ---- the ops ------------------------------------------------------------------------------------
 
 
-def _forward(op, x, out, p, weight=None, axis=1, stats=False):
+def _forward(op, x, out, p, weight=None, axis=1, stats=False, stream=None):
     """op(x), with PReLU's `weight` along `axis`; with `stats`, also the positive counts per unit
     along `axis` (one unit when x has fewer than 2 dims)."""
-    if _cpu.is_plain_call(x, out):  # the common calls: nothing to convert, nothing can fail
+    if stream is None and _cpu.is_plain_call(x, out):  # the common calls: nothing can fail
         if not stats:
             if weight is None:
                 return _cpu.forward(op, x, out, p, None, None, False)[0]
@@ -168,6 +308,10 @@ def _forward(op, x, out, p, weight=None, axis=1, stats=False):
               and -x.ndim <= axis < x.ndim):
             y, counts = _cpu.forward(op, x, out, p, None, axis % x.ndim, True)
             return y, _activation_stats(counts, x.shape, axis % x.ndim)
+    device = _is_device(x) or _is_device(weight) or _is_device(out)
+    _check_stream(stream, device)
+    if device:
+        return _device_forward(op, x, out, p, weight, axis, stats, stream)
     if weight is None:
         (x,), dtype = _host_arrays([("x", x)])
         weight_axis = None
@@ -186,19 +330,48 @@ def _forward(op, x, out, p, weight=None, axis=1, stats=False):
     return (y, _activation_stats(counts, x.shape, layout_axis)) if stats else y
 
 
+def _device_forward(op, x, out, p, weight, axis, stats, stream, bias=None):
+    named = [("x", x)] + [(n, v) for n, v in (("weight", weight), ("bias", bias)) if v is not None]
+    views, dtype = _device_arrays(named)
+    xv, params = views[0], dict(zip([n for n, _ in named[1:]], views[1:]))
+    weight_axis = None
+    if weight is not None:
+        weight_axis = _prelu_weight(params["weight"], xv.shape, axis)
+    if bias is not None:
+        axis = _bias_axis(params["bias"], xv.shape, axis)
+    if type(stats) is not bool:
+        raise TypeError(f"stats must be True or False, not {type(stats).__name__}")
+    unit_axis = _axis("axis", axis, xv.ndim) if (stats or bias is not None) and xv.ndim >= 2 \
+        else (0 if bias is not None else None)
+    if out is not None:
+        _check_device_out("out", out, xv.shape, dtype, list(zip([n for n, _ in named], views)))
+    layout_axis = weight_axis if weight_axis is not None else unit_axis
+    y, counts = _gpu().forward(op, x, out, p, _device_value(params.get("weight")), layout_axis,
+                               stats, _device_value(params.get("bias")), stream)
+    return (y, _activation_stats(counts, xv.shape, layout_axis)) if stats else y
+
+
+def _device_value(view):
+    return view.obj if isinstance(view, _DeviceView) else view
+
+
 def _activation_stats(counts, shape, axis):
     per_unit = math.prod(shape[:axis] + shape[axis + 1:]) if axis is not None else math.prod(shape)
     return ActivationStats(counts, per_unit)
 
 
-def _backward(op, grad, x, out, p, weight=None, axis=None, weight_out=None):
-    if _cpu.is_plain_call(x, out, grad):  # the common call: nothing to convert, nothing can fail
+def _backward(op, grad, x, out, p, weight=None, axis=None, weight_out=None, stream=None):
+    if stream is None and _cpu.is_plain_call(x, out, grad):  # the common call: nothing can fail
         if weight is None:
             return _cpu.backward(op, grad, x, out, p, None, None)
         plain_axis = _cpu.plain_prelu_axis(x, weight, axis, weight_out, out, grad)
         if plain_axis is not None:
             return _backward_prelu(op, grad, x, out, weight, plain_axis, weight_out)
     named = [("grad", grad), ("x", x)] + ([] if weight is None else [("weight", weight)])
+    device = any(_is_device(v) for v in (grad, x, weight, out, weight_out))
+    _check_stream(stream, device)
+    if device:
+        return _device_backward(op, named, out, p, axis, weight_out, stream)
     arrays, dtype = _host_arrays(named)
     grad, x = arrays[:2]
     if grad.shape != x.shape:
@@ -218,6 +391,32 @@ def _backward(op, grad, x, out, p, weight=None, axis=None, weight_out=None):
     return _backward_prelu(op, grad, x, out, weight, -1 if axis is None else axis, weight_out)
 
 
+def _device_backward(op, named, out, p, axis, weight_out, stream):
+    views, dtype = _device_arrays(named)
+    grad, x = views[:2]
+    if grad.shape != x.shape:
+        raise ValueError(f"grad has shape {grad.shape} but x has shape {x.shape}")
+    weight = views[2] if len(views) > 2 else None
+    inputs = list(zip(("grad", "x", "weight"), views))
+    if weight is not None:
+        axis = _prelu_weight(weight, x.shape, axis)
+    if out is not None:
+        _check_device_out("out", out, x.shape, dtype, inputs)
+    gpu = _gpu()
+    if weight is None:
+        return gpu.backward(op, grad.obj, x.obj, out, p, None, None, None, gpu.SUM_NONE, stream)
+    if weight_out is not None:
+        w_out = _check_device_out("out[1]", weight_out, weight.shape, dtype, inputs)
+        if out is not None and w_out.overlaps(_DeviceView("out", out)):
+            raise ValueError("out[0] and out[1] overlap")
+        grad_weight = weight_out
+    else:
+        grad_weight = gpu.empty_like_kind(x.obj, weight.shape, dtype)
+    dx = gpu.backward(op, grad.obj, x.obj, out, p, _device_value(weight), axis, grad_weight,
+                      gpu.SUM_WEIGHT, stream)
+    return dx, grad_weight
+
+
 def _backward_prelu(op, grad, x, out, weight, axis, weight_out):
     """axis: the channel axis, or -1 for one weight shared by every element."""
     dtype = x.dtype if x.dtype.isnative else x.dtype.newbyteorder("=")
@@ -229,69 +428,79 @@ def _backward_prelu(op, grad, x, out, weight, axis, weight_out):
     return dx, grad_weight
 
 
-def relu(x, *, out=None, stats=False, axis=1):
+_STREAM_DOC = """`stream` (CUDA arrays only): where to launch the kernels (a numba, CuPy or
+    PyTorch stream, or a cudaStream_t); by default the stream the input's producer names."""
+
+
+def relu(x, *, out=None, stats=False, axis=1, stream=None):
     """ReLU: ``x < 0 ? +0 : x`` elementwise (NaN and -0.0 pass through).
 
     With ``stats=True`` returns ``(y, ActivationStats)``: the count of positive inputs per unit
     along `axis` (one unit for inputs with fewer than 2 dims), from the same pass."""
-    if stats:
-        return _forward(RELU, x, out, 0.0, None, axis, stats)
+    if stats or stream is not None:
+        return _forward(RELU, x, out, 0.0, None, axis, stats, stream)
     return _forward(RELU, x, out, 0.0)
 
 
-def leaky_relu(x, negative_slope=0.01, *, out=None, stats=False, axis=1):
+def leaky_relu(x, negative_slope=0.01, *, out=None, stats=False, axis=1, stream=None):
     """Leaky ReLU: ``x > 0 ? x : x * negative_slope`` elementwise.  `stats`, `axis`: see relu."""
     if not (type(negative_slope) is float and -_MAX_FLOAT <= negative_slope <= _MAX_FLOAT):
         negative_slope = _real("negative_slope", negative_slope)
-    if stats:
-        return _forward(LEAKY, x, out, negative_slope, None, axis, stats)
+    if stats or stream is not None:
+        return _forward(LEAKY, x, out, negative_slope, None, axis, stats, stream)
     return _forward(LEAKY, x, out, negative_slope)
 
 
-def prelu(x, weight, axis=1, *, out=None, stats=False):
+def prelu(x, weight, axis=1, *, out=None, stats=False, stream=None):
     """PReLU: ``x > 0 ? x : weight[c] * x`` with c the index along the channel `axis`.
 
     `weight` has shape (C,) with C == x.shape[axis], or one element (shape () or (1,)) shared by
     every channel.  Inputs with fewer than 2 dims have one channel.  `stats`: see relu; the units
     are the channels along `axis`."""
-    return _forward(LEAKY, x, out, 0.0, weight, axis, stats)
+    return _forward(LEAKY, x, out, 0.0, weight, axis, stats, stream)
 
 
-def elu(x, alpha=1.0, *, out=None, stats=False, axis=1):
+def elu(x, alpha=1.0, *, out=None, stats=False, axis=1, stream=None):
     """ELU: ``x <= 0 ? alpha * expm1(x) : x`` elementwise.  `stats`, `axis`: see relu."""
-    if stats:
-        return _forward(ELU, x, out, _real("alpha", alpha), None, axis, stats)
+    if stats or stream is not None:
+        return _forward(ELU, x, out, _real("alpha", alpha), None, axis, stats, stream)
     return _forward(ELU, x, out, _real("alpha", alpha))
 
 
-def relu_backward(grad, x, *, out=None):
+def relu_backward(grad, x, *, out=None, stream=None):
     """Gradient of relu w.r.t. x: ``x <= 0 ? 0 : grad``.  `x` may be relu's output instead."""
-    return _backward(RELU, grad, x, out, 0.0)
+    return _backward(RELU, grad, x, out, 0.0, stream=stream)
 
 
-def leaky_relu_backward(grad, x, negative_slope=0.01, *, out=None):
+def leaky_relu_backward(grad, x, negative_slope=0.01, *, out=None, stream=None):
     """Gradient of leaky_relu w.r.t. x: ``x > 0 ? grad : grad * negative_slope``.  With
     negative_slope >= 0, `x` may be leaky_relu's output instead."""
     if not (type(negative_slope) is float and -_MAX_FLOAT <= negative_slope <= _MAX_FLOAT):
         negative_slope = _real("negative_slope", negative_slope)
-    return _backward(LEAKY, grad, x, out, negative_slope)
+    return _backward(LEAKY, grad, x, out, negative_slope, stream=stream)
 
 
-def prelu_backward(grad, x, weight, axis=1, *, out=None):
+def _out_pair(out):
+    if out is None:
+        return None, None
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError("out must be a pair (grad_input_out, grad_param_out); either may be None")
+    return out
+
+
+def prelu_backward(grad, x, weight, axis=1, *, out=None, stream=None):
     """Gradients of prelu: returns ``(grad_input, grad_weight)`` from one pass over the data.
 
     ``grad_input = x > 0 ? grad : weight[c] * grad``; ``grad_weight[c]`` sums
-    ``x > 0 ? 0 : x * grad`` over channel c (accumulated in float64), in the weight's shape.
-    `out` is a pair ``(grad_input_out, grad_weight_out)``; either may be None.  With weights
-    >= 0, `x` may be prelu's output instead."""
-    if out is None:
-        out = (None, None)
-    elif not (isinstance(out, tuple) and len(out) == 2):
-        raise TypeError("out must be a pair (grad_input_out, grad_weight_out); either may be None")
-    return _backward(LEAKY, grad, x, out[0], 0.0, weight, axis, out[1])
+    ``x > 0 ? 0 : x * grad`` over channel c (accumulated in float64 on the CPU; float32, or
+    float64 for float64 data, on the GPU), in the weight's shape.  `out` is a pair
+    ``(grad_input_out, grad_weight_out)``; either may be None.  With weights >= 0, `x` may be
+    prelu's output instead for the input gradient (the weight gradient needs x)."""
+    out0, out1 = _out_pair(out)
+    return _backward(LEAKY, grad, x, out0, 0.0, weight, axis, out1, stream)
 
 
-def elu_backward(grad, x, alpha=1.0, *, out=None, from_output=False):
+def elu_backward(grad, x, alpha=1.0, *, out=None, from_output=False, stream=None):
     """Gradient of elu w.r.t. x: ``x <= 0 ? grad * alpha * exp(x) : grad``.
 
     With ``from_output=True``, `x` is elu's output y instead, and the gradient is
@@ -299,10 +508,15 @@ def elu_backward(grad, x, alpha=1.0, *, out=None, from_output=False):
     it needs alpha >= 0, for which y <= 0 exactly when x <= 0)."""
     alpha = _real("alpha", alpha)
     if not from_output:
-        return _backward(ELU, grad, x, out, alpha)
+        return _backward(ELU, grad, x, out, alpha, stream=stream)
     if alpha < 0:
         raise ValueError(f"from_output needs alpha >= 0, got {alpha}")
-    return _backward(ELU_FROM_Y, grad, x, out, alpha)
+    return _backward(ELU_FROM_Y, grad, x, out, alpha, stream=stream)
+
+
+for _op in (relu, leaky_relu, prelu, elu, relu_backward, leaky_relu_backward, prelu_backward,
+            elu_backward):
+    _op.__doc__ += "\n\n    " + _STREAM_DOC
 
 
 # ---- fused bias + activation --------------------------------------------------------------------
@@ -337,12 +551,17 @@ def _bias_axis(bias, shape, axis):
     return axis
 
 
-def bias_activation(x, bias, activation="relu", param=None, axis=1, *, out=None, stats=False):
+def bias_activation(x, bias, activation="relu", param=None, axis=1, *, out=None, stats=False,
+                    stream=None):
     """``act(x + bias[u])`` in one pass, u the index along `axis` (the features of an (N, F)
     batch, the channels of NCHW data).  `activation` is "relu", "leaky_relu" (param:
     negative_slope, default 0.01) or "elu" (param: alpha, default 1.0).  With ``stats=True``
     returns ``(y, ActivationStats)`` counting the positive ``x + bias`` per unit."""
     op, _, p = _activation(activation, param)
+    device = any(_is_device(v) for v in (x, bias, out))
+    _check_stream(stream, device)
+    if device:
+        return _device_forward(op, x, out, p, None, axis, stats, stream, bias)
     (x, bias), dtype = _host_arrays([("x", x), ("bias", bias)])
     axis = _bias_axis(bias, x.shape, axis)
     if type(stats) is not bool:
@@ -353,7 +572,8 @@ def bias_activation(x, bias, activation="relu", param=None, axis=1, *, out=None,
     return (y, _activation_stats(counts, x.shape, axis)) if stats else y
 
 
-def bias_activation_backward(grad, y, activation="relu", param=None, axis=1, *, out=None):
+def bias_activation_backward(grad, y, activation="relu", param=None, axis=1, *, out=None,
+                             stream=None):
     """Gradients of bias_activation from its output `y`, in one pass: returns
     ``(grad_input, grad_bias)``, grad_bias summed over all but `axis` in float64.  Needs a
     parameter >= 0, so that y tells the sign of x + bias (ELU uses ``grad * (y + alpha)``).
@@ -362,10 +582,11 @@ def bias_activation_backward(grad, y, activation="relu", param=None, axis=1, *, 
     if p < 0:
         raise ValueError(f"the backward from the output needs {activation}'s parameter >= 0, "
                          f"got {p}")
-    if out is None:
-        out = (None, None)
-    elif not (isinstance(out, tuple) and len(out) == 2):
-        raise TypeError("out must be a pair (grad_input_out, grad_bias_out); either may be None")
+    out = _out_pair(out)
+    device = any(_is_device(v) for v in (grad, y, *out))
+    _check_stream(stream, device)
+    if device:
+        return _device_bias_backward(op, grad, y, out, p, axis, stream)
     (grad, y), dtype = _host_arrays([("grad", grad), ("y", y)])
     if grad.shape != y.shape:
         raise ValueError(f"grad has shape {grad.shape} but y has shape {y.shape}")
@@ -381,4 +602,26 @@ def bias_activation_backward(grad, y, activation="relu", param=None, axis=1, *, 
             raise ValueError("out[0] and out[1] overlap")
     grad_bias = np.empty(y.shape[axis], dtype) if out[1] is None else out[1]
     dx = _cpu.backward(op, grad, y, out[0], p, None, axis, grad_bias, _cpu.SUM_GRAD)
+    return dx, grad_bias
+
+
+def _device_bias_backward(op, grad, y, out, p, axis, stream):
+    (gv, yv), dtype = _device_arrays([("grad", grad), ("y", y)])
+    if gv.shape != yv.shape:
+        raise ValueError(f"grad has shape {gv.shape} but y has shape {yv.shape}")
+    if yv.ndim == 0:
+        raise ValueError("y must have at least one dimension for a per-unit bias")
+    axis = _axis("axis", axis, yv.ndim)
+    inputs = [("grad", gv), ("y", yv)]
+    if out[0] is not None:
+        _check_device_out("out[0]", out[0], yv.shape, dtype, inputs)
+    gpu = _gpu()
+    if out[1] is not None:
+        b_out = _check_device_out("out[1]", out[1], (yv.shape[axis],), dtype, inputs)
+        if out[0] is not None and b_out.overlaps(_DeviceView("out[0]", out[0])):
+            raise ValueError("out[0] and out[1] overlap")
+        grad_bias = out[1]
+    else:
+        grad_bias = gpu.empty_like_kind(grad, (yv.shape[axis],), dtype)
+    dx = gpu.backward(op, grad, y, out[0], p, None, axis, grad_bias, gpu.SUM_GRAD, stream)
     return dx, grad_bias

@@ -1,0 +1,256 @@
+"""The GPU backend against the NumPy reference, on numba device arrays (and CuPy and PyTorch
+arrays on a real GPU).
+
+On a machine without a GPU this file runs under numba's CUDA simulator, through
+tests/test_gpu_simulator.py (small arrays; the simulator runs every CUDA thread in Python).  What
+the simulator cannot show: real speed, CuPy/PyTorch interop and streams (it has no real device
+memory) and type checking (tests/test_gpu_simulator.py compiles every kernel to PTX for that).
+"""
+import os
+
+import numpy as np
+import pytest
+
+numba = pytest.importorskip("numba")
+from numba import cuda  # noqa: E402
+
+import fastrelu  # noqa: E402
+from conftest import assert_bitwise, edge_array  # noqa: E402
+from fastrelu import reference  # noqa: E402
+
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+if not SIMULATOR and not cuda.is_available():
+    pytest.skip("no CUDA GPU: tests/test_gpu_simulator.py runs this file under numba's simulator",
+                allow_module_level=True)
+
+real_gpu = pytest.mark.skipif(SIMULATOR, reason="needs a real GPU")
+DTYPES = [np.float16, np.float32, np.float64]
+SHAPES = [(37,), (5, 9), (3, 4, 6)] if SIMULATOR else [(1000,), (64, 300), (8, 16, 33, 33)]
+
+
+def dev(a):
+    return cuda.to_device(a if a.flags.c_contiguous or a.flags.f_contiguous else a.copy())
+
+
+def host(a):
+    kind = type(a).__module__
+    if kind.startswith("torch"):
+        return a.cpu().numpy()
+    if kind.startswith("cupy"):
+        return a.get()
+    return a.copy_to_host().reshape(a.shape)
+
+
+def check(name, actual, expected):
+    actual = host(actual)
+    if name == "elu":  # libdevice's expm1/exp against NumPy's: a few ulp
+        np.testing.assert_allclose(actual.astype(np.float64), expected.astype(np.float64),
+                                   rtol=4 * np.finfo(expected.dtype).eps, atol=0, equal_nan=True)
+    else:
+        assert_bitwise(actual, expected)
+
+
+def data(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 3).astype(dtype)
+    e = edge_array(dtype)
+    flat = x.reshape(-1)
+    flat[: min(e.size, flat.size)] = e[: flat.size]
+    g = rng.standard_normal(shape).astype(dtype)
+    return x, g
+
+
+OPS = {
+    "relu": (lambda x, **k: fastrelu.relu(x, **k), lambda g, x, **k: fastrelu.relu_backward(g, x, **k),
+             reference.relu, reference.relu_backward),
+    "leaky_relu": (lambda x, **k: fastrelu.leaky_relu(x, 0.2, **k),
+                   lambda g, x, **k: fastrelu.leaky_relu_backward(g, x, 0.2, **k),
+                   lambda x: reference.leaky_relu(x, 0.2),
+                   lambda g, x: reference.leaky_relu_backward(g, x, 0.2)),
+    "elu": (lambda x, **k: fastrelu.elu(x, 0.7, **k),
+            lambda g, x, **k: fastrelu.elu_backward(g, x, 0.7, **k),
+            lambda x: reference.elu(x, 0.7), lambda g, x: reference.elu_backward(g, x, 0.7)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("name", list(OPS))
+def test_elementwise_ops(name, shape, dtype):
+    fwd, bwd, ref_fwd, ref_bwd = OPS[name]
+    x, g = data(shape, dtype)
+    y = fwd(dev(x))
+    assert type(y).__module__.startswith("numba")
+    check(name, y, ref_fwd(x))
+    check(name, bwd(dev(g), dev(x)), ref_bwd(g, x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape,axis", [((6, 5), 1), ((3, 4, 5), 1), ((3, 4, 5), -1),
+                                        ((2, 3, 4, 5), 1)])
+def test_prelu_per_channel(shape, axis, dtype):
+    x, g = data(shape, dtype, 1)
+    w = np.linspace(-0.5, 1.5, shape[axis]).astype(dtype)
+    check("prelu", fastrelu.prelu(dev(x), dev(w), axis), reference.prelu(x, w, axis))
+    dx, dw = fastrelu.prelu_backward(dev(g), dev(x), dev(w), axis)
+    ref_dx, ref_dw = reference.prelu_backward(g, x, w, axis)
+    check("prelu", dx, ref_dx)
+    finite = np.isfinite(ref_dw)
+    got = host(dw)
+    assert got.dtype == dtype and got.shape == w.shape
+    np.testing.assert_array_equal(np.isfinite(got), finite)
+    tol = {np.float16: 5e-3, np.float32: 1e-5, np.float64: 1e-12}[dtype]
+    np.testing.assert_allclose(got[finite].astype(np.float64),
+                               ref_dw[finite].astype(np.float64), rtol=tol, atol=tol)
+
+
+def test_prelu_shared_weight_and_python_weight():
+    x, g = data((4, 6), np.float32, 2)
+    for w in (np.array([0.3], np.float32), np.array(0.3, np.float32)):
+        check("prelu", fastrelu.prelu(dev(x), dev(w)), reference.prelu(x, w))
+        dx, dw = fastrelu.prelu_backward(dev(g), dev(x), dev(w))
+        assert host(dw).shape == w.shape
+        np.testing.assert_allclose(host(dw), reference.prelu_backward(g, x, w)[1], rtol=1e-5)
+    check("prelu", fastrelu.prelu(dev(x), 0.3), reference.prelu(x, np.float32(0.3)))
+
+
+def test_stats_on_the_gpu():
+    x, _ = data((8, 5, 7), np.float32, 3)
+    y, stats = fastrelu.relu(dev(x), stats=True, axis=1)
+    check("relu", y, reference.relu(x))
+    np.testing.assert_array_equal(stats.positive, (x > 0).sum(axis=(0, 2)))
+    y, stats = fastrelu.leaky_relu(dev(x), 0.1, stats=True, axis=-1)
+    np.testing.assert_array_equal(stats.positive, (x > 0).sum(axis=(0, 1)))
+
+
+@pytest.mark.parametrize("activation,param", [("relu", None), ("leaky_relu", 0.2), ("elu", 1.0)])
+def test_bias_activation_on_the_gpu(activation, param):
+    x, g = data((6, 9), np.float32, 4)
+    b = np.linspace(-1, 1, 9).astype(np.float32)
+    expected, e_stats = fastrelu.bias_activation(x, b, activation, param, stats=True)
+    y, stats = fastrelu.bias_activation(dev(x), dev(b), activation, param, stats=True)
+    check("elu" if activation == "elu" else "relu", y, expected)
+    np.testing.assert_array_equal(stats.positive, e_stats.positive)
+    dx, db = fastrelu.bias_activation_backward(dev(g), y, activation, param)
+    e_dx, e_db = fastrelu.bias_activation_backward(g, expected, activation, param)
+    np.testing.assert_allclose(host(dx), e_dx, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(host(db), e_db, rtol=1e-5, atol=1e-6)
+
+
+def test_out_and_in_place():
+    x, g = data((5, 9), np.float32, 5)
+    dx_ = dev(x)
+    out = cuda.device_array_like(dx_)
+    assert fastrelu.leaky_relu(dx_, 0.2, out=out) is out
+    check("leaky_relu", out, reference.leaky_relu(x, 0.2))
+    assert fastrelu.relu(dx_, out=dx_) is dx_
+    check("relu", dx_, reference.relu(x))
+    dg = dev(g)
+    assert fastrelu.relu_backward(dg, dev(x), out=dg) is dg
+    check("relu", dg, reference.relu_backward(g, x))
+
+
+def test_fortran_ordered_device_arrays():
+    x, g = data((6, 7), np.float64, 6)
+    xf = cuda.to_device(np.asfortranarray(x))
+    y = fastrelu.elu(xf)
+    check("elu", y, reference.elu(x))
+    w = np.linspace(0.1, 0.7, 7)
+    check("prelu", fastrelu.prelu(xf, cuda.to_device(w), 1), reference.prelu(x, w, 1))
+
+
+def test_explicit_stream():
+    x, _ = data((40,), np.float32, 7)
+    stream = cuda.stream()
+    y = fastrelu.relu(cuda.to_device(x, stream=stream), stream=stream)
+    stream.synchronize()
+    check("relu", y, reference.relu(x))
+
+
+def test_mixing_host_and_device_is_an_error():
+    x, g = data((4, 5), np.float32, 8)
+    with pytest.raises(TypeError, match="mixing host and device"):
+        fastrelu.relu_backward(g, dev(x))
+    with pytest.raises(TypeError, match="must be a CUDA array"):
+        fastrelu.relu(dev(x), out=np.empty_like(x))
+    with pytest.raises(TypeError, match="mixing host and device"):
+        fastrelu.prelu(dev(x), np.ones(5, np.float32))
+    with pytest.raises(TypeError, match="stream= applies to CUDA arrays only"):
+        fastrelu.relu(x, stream=cuda.stream())
+
+
+def test_device_validation():
+    x, g = data((4, 5), np.float32, 9)
+    with pytest.raises(TypeError, match="has dtype float.. but .* has dtype float..; they must"):
+        fastrelu.relu_backward(dev(g.astype(np.float64)), dev(x))
+    with pytest.raises(ValueError, match="grad has shape"):
+        fastrelu.relu_backward(dev(g.T.copy()), dev(x))
+    with pytest.raises(TypeError, match="has dtype int32"):
+        fastrelu.relu(cuda.to_device(np.zeros(4, np.int32)))
+    with pytest.raises(ValueError, match="weight has 4 elements but x has 5"):
+        fastrelu.prelu(dev(x), dev(np.ones(4, np.float32)))
+    with pytest.raises(ValueError, match="out has shape"):
+        fastrelu.relu(dev(x), out=cuda.device_array((5, 4), np.float32))
+    with pytest.raises(TypeError, match="strided numba device array"):
+        fastrelu.relu(dev(np.ones((4, 6), np.float32))[:, ::2])
+
+
+# ---- a real GPU only: CuPy and PyTorch interop, streams, large arrays ----------------------------
+
+@real_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_cupy_in_cupy_out(dtype):
+    cupy = pytest.importorskip("cupy")
+    x, g = data((64, 1000), dtype)
+    cx, cg = cupy.asarray(x), cupy.asarray(g)
+    y = fastrelu.leaky_relu(cx, 0.2)
+    assert isinstance(y, cupy.ndarray)
+    check("leaky_relu", y, reference.leaky_relu(x, 0.2))
+    w = cupy.asarray(np.linspace(0, 1, 1000).astype(dtype))
+    dx, dw = fastrelu.prelu_backward(cg, cx, w)
+    assert isinstance(dx, cupy.ndarray) and isinstance(dw, cupy.ndarray)
+    check("prelu", dx, reference.prelu_backward(g, x, w.get())[0])
+    strided = cx[:, ::2]
+    check("relu", fastrelu.relu(strided), reference.relu(x[:, ::2]))
+
+
+@real_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_torch_in_torch_out(dtype):
+    torch = pytest.importorskip("torch")
+    x, g = data((64, 1000), dtype)
+    tx, tg = torch.from_numpy(x).cuda(), torch.from_numpy(g).cuda()
+    y = fastrelu.relu(tx)
+    assert isinstance(y, torch.Tensor) and y.is_cuda
+    check("relu", y, reference.relu(x))
+    assert_bitwise(host(y), torch.relu(tx).cpu().numpy())
+    assert_bitwise(host(fastrelu.leaky_relu(tx, 0.01)),
+                   torch.nn.functional.leaky_relu(tx, 0.01).cpu().numpy())
+    with pytest.raises(TypeError, match="detach"):
+        fastrelu.relu(tx.clone().requires_grad_())
+    check("relu", fastrelu.relu(tx.t()), reference.relu(x.T))
+
+
+@real_gpu
+def test_torch_stream_is_used():
+    torch = pytest.importorskip("torch")
+    x, _ = data((1 << 20,), np.float32)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        tx = torch.from_numpy(x).cuda(non_blocking=False)
+        y = fastrelu.relu(tx)
+        expected = torch.relu(tx)
+    s.synchronize()
+    assert_bitwise(host(y), host(expected))
+
+
+@real_gpu
+def test_large_arrays():
+    x, g = data((1 << 24,), np.float32)
+    check("leaky_relu", fastrelu.leaky_relu(dev(x), 0.01), reference.leaky_relu(x, 0.01))
+    x2 = x.reshape(4096, 4096)
+    w = np.linspace(0, 1, 4096).astype(np.float32)
+    dx, dw = fastrelu.prelu_backward(dev(g.reshape(x2.shape)), dev(x2), dev(w))
+    ref_dx, ref_dw = reference.prelu_backward(g.reshape(x2.shape), x2, w)
+    check("prelu", dx, ref_dx)
+    np.testing.assert_allclose(host(dw), ref_dw, rtol=1e-4, atol=1e-3)
