@@ -82,23 +82,51 @@ def _host_arrays(named):
 
 
 def _check_out(name, out, shape, dtype, inputs):
-    """`out` must be a writable array of the result's shape and dtype that is either one of the
-    inputs itself (in place) or shares no memory with any of them."""
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name} must be a NumPy array, not {type(out).__name__}")
-    out_dtype = out.dtype
-    if out_dtype.char != dtype.char or out_dtype.kind != "f":
-        raise TypeError(f"{name} has dtype {out_dtype} but the result has dtype {dtype}")
-    if out.shape != shape:
-        raise ValueError(f"{name} has shape {out.shape} but the result has shape {shape}")
-    if not out.flags.writeable:
+    """`out` must be a writable array of the inputs' kind (NumPy, or CUDA when the inputs are
+    _DeviceViews), of the result's shape and dtype, that is either one of the inputs itself (in
+    place) or shares no memory with any of them.  Returns out, or its _DeviceView."""
+    device = any(isinstance(arr, _DeviceView) for _, arr in inputs)
+    if device:
+        if not _is_device(out):
+            raise TypeError(f"{name} must be a CUDA array like the inputs, "
+                            f"not {type(out).__name__}")
+        view = _DeviceView(name, out)
+        if type(out).__module__.startswith("numba") and not view.contiguous():
+            raise TypeError(f"{name} is a strided numba device array: make it contiguous first")
+        readonly = view.readonly
+    else:
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"{name} must be a NumPy array, not {type(out).__name__}")
+        view, readonly = out, not out.flags.writeable
+    if view.dtype.char != dtype.char or view.dtype.kind != "f":
+        raise TypeError(f"{name} has dtype {view.dtype} but the result has dtype {dtype}")
+    if view.shape != shape:
+        raise ValueError(f"{name} has shape {view.shape} but the result has shape {shape}")
+    if readonly:
         raise ValueError(f"{name} is read-only")
     for in_name, arr in inputs:
-        if out is not arr and _cpu.memory_overlap(out, arr) == 2:
+        if _memory_overlap(view, arr) == 2:
             raise ValueError(
                 f"{name} partially overlaps {in_name}; pass {in_name} itself to work in place, "
                 "or an array that shares no memory with it"
             )
+    return view
+
+
+def _memory_overlap(a, b):
+    """0: disjoint; 1: the same elements (in place); 2: overlapping otherwise.  CUDA arrays are
+    compared by address range, so interleaved views count as overlapping."""
+    if a is b:
+        return 1
+    if isinstance(a, _DeviceView):
+        return 0 if not isinstance(b, _DeviceView) or not a.overlaps(b) \
+            else 1 if a.same_memory(b) else 2
+    return _cpu.memory_overlap(a, b) if isinstance(b, np.ndarray) else 0
+
+
+def _raw(a):
+    """The array a validated argument stands for."""
+    return a.obj if isinstance(a, _DeviceView) else a
 
 
 # ---- CUDA arrays ---------------------------------------------------------------------------------
@@ -183,6 +211,11 @@ def _gpu():
     return _gpu
 
 
+def _validated(named, device):
+    """Host or device array arguments, validated: (arrays or _DeviceViews, dtype)."""
+    return _device_arrays(named) if device else _host_arrays(named)
+
+
 def _device_arrays(named):
     """Validates CUDA array arguments [(name, value)]: all CUDA arrays (Python numbers and lists
     are allowed for parameters), of one float dtype.  Returns (views, dtype); Python values come
@@ -212,28 +245,6 @@ def _device_arrays(named):
         if views[i] is None:
             views[i] = _from_python(name, value, dtype)
     return views, dtype
-
-
-def _check_device_out(name, out, shape, dtype, inputs):
-    """Like _check_out, for a CUDA `out` and the CUDA inputs' views."""
-    if not _is_device(out):
-        raise TypeError(f"{name} must be a CUDA array like the inputs, not {type(out).__name__}")
-    view = _DeviceView(name, out)
-    if view.dtype.char != dtype.char or view.dtype.kind != "f":
-        raise TypeError(f"{name} has dtype {view.dtype} but the result has dtype {dtype}")
-    if view.shape != shape:
-        raise ValueError(f"{name} has shape {view.shape} but the result has shape {shape}")
-    if view.readonly:
-        raise ValueError(f"{name} is read-only")
-    if type(out).__module__.startswith("numba") and not view.contiguous():
-        raise TypeError(f"{name} is a strided numba device array: make it contiguous first")
-    for in_name, arr in inputs:
-        if isinstance(arr, _DeviceView) and view.overlaps(arr) and not view.same_memory(arr):
-            raise ValueError(
-                f"{name} partially overlaps {in_name}; pass {in_name} itself to work in place, "
-                "or an array that shares no memory with it"
-            )
-    return view
 
 
 def _check_stream(stream, device):
@@ -291,68 +302,47 @@ def _prelu_weight(weight, shape, axis):
 # ---- the ops ------------------------------------------------------------------------------------
 
 
-def _forward(op, x, out, p, weight=None, axis=1, stats=False, stream=None):
-    """op(x), with PReLU's `weight` along `axis`; with `stats`, also the positive counts per unit
-    along `axis` (one unit when x has fewer than 2 dims)."""
-    if stream is None and _cpu.is_plain_call(x, out):  # the common calls: nothing can fail
+def _forward(op, x, out, p, weight=None, axis=1, stats=False, stream=None, bias=None):
+    """op(x (+ bias)), with PReLU's `weight` or the `bias` along `axis`; with `stats`, also the
+    positive counts per unit along `axis` (one unit when x has fewer than 2 dims)."""
+    if stream is None and bias is None and _cpu.is_plain_call(x, out):
+        # the common calls: NumPy arrays that need no conversion and cannot fail
         if not stats:
             if weight is None:
                 return _cpu.forward(op, x, out, p, None, None, False)[0]
             plain_axis = _cpu.plain_prelu_axis(x, weight, axis)
             if plain_axis is not None:
-                if plain_axis < 0:
-                    return _cpu.forward(op, x, out, float(weight.reshape(())), None, None,
-                                        False)[0]
-                return _cpu.forward(op, x, out, 0.0, weight, plain_axis, False)[0]
+                return _cpu.forward(op, x, out, p, weight, None if plain_axis < 0 else plain_axis,
+                                    False)[0]
         elif (stats is True and weight is None and type(axis) is int and x.ndim >= 2
               and -x.ndim <= axis < x.ndim):
             y, counts = _cpu.forward(op, x, out, p, None, axis % x.ndim, True)
             return y, _activation_stats(counts, x.shape, axis % x.ndim)
-    device = _is_device(x) or _is_device(weight) or _is_device(out)
+    device = any(_is_device(v) for v in (x, weight, bias, out))
     _check_stream(stream, device)
-    if device:
-        return _device_forward(op, x, out, p, weight, axis, stats, stream)
-    if weight is None:
-        (x,), dtype = _host_arrays([("x", x)])
-        weight_axis = None
-    else:
-        (x, weight), dtype = _host_arrays([("x", x), ("weight", weight)])
-        weight_axis = _prelu_weight(weight, x.shape, axis)
-    if type(stats) is not bool:
-        raise TypeError(f"stats must be True or False, not {type(stats).__name__}")
-    unit_axis = _axis("axis", axis, x.ndim) if stats and x.ndim >= 2 else None
-    if out is not None:
-        _check_out("out", out, x.shape, dtype, [("x", x)])
-    if weight is not None and weight_axis is None:  # one weight shared by every element
-        p, weight = float(weight.reshape(())), None
-    layout_axis = weight_axis if weight_axis is not None else unit_axis
-    y, counts = _cpu.forward(op, x, out, p, weight, layout_axis, stats)
-    return (y, _activation_stats(counts, x.shape, layout_axis)) if stats else y
-
-
-def _device_forward(op, x, out, p, weight, axis, stats, stream, bias=None):
     named = [("x", x)] + [(n, v) for n, v in (("weight", weight), ("bias", bias)) if v is not None]
-    views, dtype = _device_arrays(named)
-    xv, params = views[0], dict(zip([n for n, _ in named[1:]], views[1:]))
-    weight_axis = None
-    if weight is not None:
-        weight_axis = _prelu_weight(params["weight"], xv.shape, axis)
-    if bias is not None:
-        axis = _bias_axis(params["bias"], xv.shape, axis)
+    arrays, dtype = _validated(named, device)
+    x, params = arrays[0], dict(zip([n for n, _ in named[1:]], arrays[1:]))
     if type(stats) is not bool:
         raise TypeError(f"stats must be True or False, not {type(stats).__name__}")
-    unit_axis = _axis("axis", axis, xv.ndim) if (stats or bias is not None) and xv.ndim >= 2 \
-        else (0 if bias is not None else None)
+    weight, bias = params.get("weight"), params.get("bias")
+    weight_axis = None if weight is None else _prelu_weight(weight, x.shape, axis)
+    if bias is not None:
+        layout_axis = _bias_axis(bias, x.shape, axis)
+    elif weight_axis is not None:
+        layout_axis = weight_axis
+    else:
+        layout_axis = _axis("axis", axis, x.ndim) if stats and x.ndim >= 2 else None
     if out is not None:
-        _check_device_out("out", out, xv.shape, dtype, list(zip([n for n, _ in named], views)))
-    layout_axis = weight_axis if weight_axis is not None else unit_axis
-    y, counts = _gpu().forward(op, x, out, p, _device_value(params.get("weight")), layout_axis,
-                               stats, _device_value(params.get("bias")), stream)
-    return (y, _activation_stats(counts, xv.shape, layout_axis)) if stats else y
-
-
-def _device_value(view):
-    return view.obj if isinstance(view, _DeviceView) else view
+        _check_out("out", out, x.shape, dtype, list(zip([n for n, _ in named], arrays)))
+    if weight is not None and weight_axis is None and layout_axis is not None and not device:
+        p, weight = float(weight.reshape(())), None  # one shared weight, statistics per unit
+    if device:
+        y, counts = _gpu().forward(op, x.obj, out, p, _raw(weight), layout_axis, stats,
+                                   _raw(bias), stream)
+    else:
+        y, counts = _cpu.forward(op, x, out, p, weight, layout_axis, stats, bias)
+    return (y, _activation_stats(counts, x.shape, layout_axis)) if stats else y
 
 
 def _activation_stats(counts, shape, axis):
@@ -360,72 +350,61 @@ def _activation_stats(counts, shape, axis):
     return ActivationStats(counts, per_unit)
 
 
-def _backward(op, grad, x, out, p, weight=None, axis=None, weight_out=None, stream=None):
-    if stream is None and _cpu.is_plain_call(x, out, grad):  # the common call: nothing can fail
-        if weight is None:
+def _backward(op, grad, x, out, p, weight=None, axis=None, param_out=None, stream=None,
+              bias_grad=False, x_name="x"):
+    """dx, and with PReLU's `weight` its gradient, or with `bias_grad` the gradient of a bias
+    along `axis` (x is then the output y, named `x_name`): (dx, grad_param)."""
+    if stream is None and _cpu.is_plain_call(x, out, grad):
+        # the common calls: NumPy arrays that need no conversion and cannot fail
+        if weight is None and not bias_grad:
             return _cpu.backward(op, grad, x, out, p, None, None)
-        plain_axis = _cpu.plain_prelu_axis(x, weight, axis, weight_out, out, grad)
-        if plain_axis is not None:
-            return _backward_prelu(op, grad, x, out, weight, plain_axis, weight_out)
-    named = [("grad", grad), ("x", x)] + ([] if weight is None else [("weight", weight)])
-    device = any(_is_device(v) for v in (grad, x, weight, out, weight_out))
+        if weight is not None:
+            plain_axis = _cpu.plain_prelu_axis(x, weight, axis, param_out, out, grad)
+            if plain_axis is not None:
+                grad_weight = np.empty(weight.shape, x.dtype) if param_out is None else param_out
+                dx = _cpu.backward(op, grad, x, out, p, weight,
+                                   None if plain_axis < 0 else plain_axis, grad_weight)
+                return dx, grad_weight
+    named = [("grad", grad), (x_name, x)] + ([] if weight is None else [("weight", weight)])
+    device = any(_is_device(v) for v in (grad, x, weight, out, param_out))
     _check_stream(stream, device)
-    if device:
-        return _device_backward(op, named, out, p, axis, weight_out, stream)
-    arrays, dtype = _host_arrays(named)
+    arrays, dtype = _validated(named, device)
     grad, x = arrays[:2]
     if grad.shape != x.shape:
-        raise ValueError(f"grad has shape {grad.shape} but x has shape {x.shape}")
+        raise ValueError(f"grad has shape {grad.shape} but {x_name} has shape {x.shape}")
+    inputs = list(zip(("grad", x_name, "weight"), arrays))
     if weight is not None:
         weight = arrays[2]
         axis = _prelu_weight(weight, x.shape, axis)
-    inputs = list(zip(("grad", "x", "weight"), arrays))
+        param_shape = weight.shape
+    elif bias_grad:
+        if x.ndim == 0:
+            raise ValueError(f"{x_name} must have at least one dimension for a per-unit bias")
+        axis = _axis("axis", axis, x.ndim)
+        param_shape = (x.shape[axis],)
     if out is not None:
-        _check_out("out", out, x.shape, dtype, inputs)
-    if weight_out is not None:
-        _check_out("out[1]", weight_out, weight.shape, dtype, inputs)
-        if out is not None and _cpu.memory_overlap(out, weight_out):
-            raise ValueError("out[0] and out[1] overlap")
-    if weight is None:
+        out_view = _check_out("out" if param_out is None and not bias_grad else "out[0]", out,
+                              x.shape, dtype, inputs)
+    if weight is None and not bias_grad:
+        if device:
+            return _gpu().backward(op, grad.obj, x.obj, out, p, None, None, None, 0, stream)
         return _cpu.backward(op, grad, x, out, p, None, None)
-    return _backward_prelu(op, grad, x, out, weight, -1 if axis is None else axis, weight_out)
-
-
-def _device_backward(op, named, out, p, axis, weight_out, stream):
-    views, dtype = _device_arrays(named)
-    grad, x = views[:2]
-    if grad.shape != x.shape:
-        raise ValueError(f"grad has shape {grad.shape} but x has shape {x.shape}")
-    weight = views[2] if len(views) > 2 else None
-    inputs = list(zip(("grad", "x", "weight"), views))
-    if weight is not None:
-        axis = _prelu_weight(weight, x.shape, axis)
-    if out is not None:
-        _check_device_out("out", out, x.shape, dtype, inputs)
-    gpu = _gpu()
-    if weight is None:
-        return gpu.backward(op, grad.obj, x.obj, out, p, None, None, None, gpu.SUM_NONE, stream)
-    if weight_out is not None:
-        w_out = _check_device_out("out[1]", weight_out, weight.shape, dtype, inputs)
-        if out is not None and w_out.overlaps(_DeviceView("out", out)):
+    if param_out is not None:
+        param_view = _check_out("out[1]", param_out, param_shape, dtype, inputs)
+        if out is not None and _memory_overlap(out_view, param_view):
             raise ValueError("out[0] and out[1] overlap")
-        grad_weight = weight_out
+        grad_param = param_out
+    elif device:
+        grad_param = _gpu().empty_like_kind(x.obj, param_shape, dtype)
     else:
-        grad_weight = gpu.empty_like_kind(x.obj, weight.shape, dtype)
-    dx = gpu.backward(op, grad.obj, x.obj, out, p, _device_value(weight), axis, grad_weight,
-                      gpu.SUM_WEIGHT, stream)
-    return dx, grad_weight
-
-
-def _backward_prelu(op, grad, x, out, weight, axis, weight_out):
-    """axis: the channel axis, or -1 for one weight shared by every element."""
-    dtype = x.dtype if x.dtype.isnative else x.dtype.newbyteorder("=")
-    grad_weight = np.empty(weight.shape, dtype) if weight_out is None else weight_out
-    if axis < 0:
-        dx = _cpu.backward(op, grad, x, out, float(weight.reshape(())), None, None, grad_weight)
+        grad_param = np.empty(param_shape, dtype)
+    sum_kind = _cpu.SUM_GRAD if bias_grad else _cpu.SUM_WEIGHT
+    if device:
+        dx = _gpu().backward(op, grad.obj, x.obj, out, p, _raw(weight), axis, grad_param,
+                             sum_kind, stream)
     else:
-        dx = _cpu.backward(op, grad, x, out, 0.0, weight, axis, grad_weight)
-    return dx, grad_weight
+        dx = _cpu.backward(op, grad, x, out, p, weight, axis, grad_param, sum_kind)
+    return dx, grad_param
 
 
 _STREAM_DOC = """`stream` (CUDA arrays only): where to launch the kernels (a numba, CuPy or
@@ -558,70 +537,19 @@ def bias_activation(x, bias, activation="relu", param=None, axis=1, *, out=None,
     negative_slope, default 0.01) or "elu" (param: alpha, default 1.0).  With ``stats=True``
     returns ``(y, ActivationStats)`` counting the positive ``x + bias`` per unit."""
     op, _, p = _activation(activation, param)
-    device = any(_is_device(v) for v in (x, bias, out))
-    _check_stream(stream, device)
-    if device:
-        return _device_forward(op, x, out, p, None, axis, stats, stream, bias)
-    (x, bias), dtype = _host_arrays([("x", x), ("bias", bias)])
-    axis = _bias_axis(bias, x.shape, axis)
-    if type(stats) is not bool:
-        raise TypeError(f"stats must be True or False, not {type(stats).__name__}")
-    if out is not None:
-        _check_out("out", out, x.shape, dtype, [("x", x), ("bias", bias)])
-    y, counts = _cpu.forward(op, x, out, p, None, axis, stats, bias)
-    return (y, _activation_stats(counts, x.shape, axis)) if stats else y
+    return _forward(op, x, out, p, None, axis, stats, stream, bias)
 
 
 def bias_activation_backward(grad, y, activation="relu", param=None, axis=1, *, out=None,
                              stream=None):
     """Gradients of bias_activation from its output `y`, in one pass: returns
-    ``(grad_input, grad_bias)``, grad_bias summed over all but `axis` in float64.  Needs a
-    parameter >= 0, so that y tells the sign of x + bias (ELU uses ``grad * (y + alpha)``).
-    `out` is a pair ``(grad_input_out, grad_bias_out)``; either may be None."""
+    ``(grad_input, grad_bias)``, grad_bias summed over all but `axis` (in float64 on the CPU).
+    Needs a parameter >= 0, so that y tells the sign of x + bias (ELU uses
+    ``grad * (y + alpha)``).  `out` is a pair ``(grad_input_out, grad_bias_out)``; either may be
+    None."""
     _, op, p = _activation(activation, param)
     if p < 0:
         raise ValueError(f"the backward from the output needs {activation}'s parameter >= 0, "
                          f"got {p}")
-    out = _out_pair(out)
-    device = any(_is_device(v) for v in (grad, y, *out))
-    _check_stream(stream, device)
-    if device:
-        return _device_bias_backward(op, grad, y, out, p, axis, stream)
-    (grad, y), dtype = _host_arrays([("grad", grad), ("y", y)])
-    if grad.shape != y.shape:
-        raise ValueError(f"grad has shape {grad.shape} but y has shape {y.shape}")
-    if y.ndim == 0:
-        raise ValueError("y must have at least one dimension for a per-unit bias")
-    axis = _axis("axis", axis, y.ndim)
-    inputs = [("grad", grad), ("y", y)]
-    if out[0] is not None:
-        _check_out("out[0]", out[0], y.shape, dtype, inputs)
-    if out[1] is not None:
-        _check_out("out[1]", out[1], (y.shape[axis],), dtype, inputs)
-        if out[0] is not None and _cpu.memory_overlap(out[0], out[1]):
-            raise ValueError("out[0] and out[1] overlap")
-    grad_bias = np.empty(y.shape[axis], dtype) if out[1] is None else out[1]
-    dx = _cpu.backward(op, grad, y, out[0], p, None, axis, grad_bias, _cpu.SUM_GRAD)
-    return dx, grad_bias
-
-
-def _device_bias_backward(op, grad, y, out, p, axis, stream):
-    (gv, yv), dtype = _device_arrays([("grad", grad), ("y", y)])
-    if gv.shape != yv.shape:
-        raise ValueError(f"grad has shape {gv.shape} but y has shape {yv.shape}")
-    if yv.ndim == 0:
-        raise ValueError("y must have at least one dimension for a per-unit bias")
-    axis = _axis("axis", axis, yv.ndim)
-    inputs = [("grad", gv), ("y", yv)]
-    if out[0] is not None:
-        _check_device_out("out[0]", out[0], yv.shape, dtype, inputs)
-    gpu = _gpu()
-    if out[1] is not None:
-        b_out = _check_device_out("out[1]", out[1], (yv.shape[axis],), dtype, inputs)
-        if out[0] is not None and b_out.overlaps(_DeviceView("out[0]", out[0])):
-            raise ValueError("out[0] and out[1] overlap")
-        grad_bias = out[1]
-    else:
-        grad_bias = gpu.empty_like_kind(grad, (yv.shape[axis],), dtype)
-    dx = gpu.backward(op, grad, y, out[0], p, None, axis, grad_bias, gpu.SUM_GRAD, stream)
-    return dx, grad_bias
+    out0, out1 = _out_pair(out)
+    return _backward(op, grad, y, out0, p, None, axis, out1, stream, bias_grad=True, x_name="y")

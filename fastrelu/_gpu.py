@@ -103,7 +103,7 @@ def _kernels(CT):
         j = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         if j < x.shape[1]:
             c = j // inner
-            pj = pw[c] if flags & WEIGHT else p
+            pj = pw[c % pw.size] if flags & WEIGHT else p  # pw.size is C, or 1 when shared
             bj = pb[c] if flags & BIAS else zero
             positive = 0
             for r in range(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, x.shape[0],
@@ -128,7 +128,7 @@ def _kernels(CT):
         j = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         if j < x.shape[1]:
             c = j // inner
-            pj = pw[c] if flags & WEIGHT else p
+            pj = pw[c % pw.size] if flags & WEIGHT else p
             local = zero
             for r in range(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, x.shape[0],
                            cuda.gridDim.y * cuda.blockDim.y):
