@@ -173,8 +173,8 @@ def torch_impls(d):
 def numexpr_impls(d):
     import numexpr as ne
 
-    x, g, out, s, a = d.x, d.g, d.out, d.dtype.type(SLOPE), d.dtype.type(ALPHA)  # noqa: F841
-    x3, g3, out3, wb = d.x3, d.g3, d.out3, d.w  # noqa: F841
+    x, g, out, s, a = d.x, d.g, d.out, d.dtype.type(SLOPE), d.dtype.type(ALPHA)
+    x3, out3, wb = d.x3, d.out3, d.w
     expr = {
         ("relu", "fwd"): ("where(x < 0, 0, x)", {"x": x}),
         ("relu", "bwd"): ("where(x <= 0, 0, g)", {"x": x, "g": g}),
@@ -484,7 +484,8 @@ def main(args):
     return 0
 
 
-def plot(rows, path):
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (said on stderr) without it."""
     try:
         import matplotlib
 
@@ -492,6 +493,13 @@ def plot(rows, path):
         import matplotlib.pyplot as plt
     except ImportError:
         print("--plot needs matplotlib: pip install 'fastrelu[plot]'", file=sys.stderr)
+        return None
+    return plt
+
+
+def plot(rows, path):
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for op in OPS:

@@ -16,13 +16,12 @@ import json
 import os
 import statistics
 import struct
-import sys
 import time
 
 import numpy as np
 
 from . import nn
-from .bench import Progress
+from .bench import Progress, pyplot
 from .monitor import DeadUnitTracker
 
 ACTIVATIONS = {
@@ -288,13 +287,8 @@ def main(args):
 
 
 def plot(results, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("--plot needs matplotlib: pip install 'fastrelu[plot]'", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     configs = list(results)
     fig, axes = plt.subplots(2, len(configs), figsize=(5 * len(configs), 7.5), squeeze=False)

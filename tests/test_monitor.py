@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import fastrelu
-from conftest import DTYPES, assert_bitwise, assert_close_ulp
+from conftest import assert_bitwise, assert_close_ulp
 from fastrelu import reference
 from fastrelu.monitor import ActivationStats, DeadUnitTracker
 
