@@ -441,9 +441,11 @@ def prelu(x, weight, axis=1, *, out=None, stats=False, stream=None):
 
 def elu(x, alpha=1.0, *, out=None, stats=False, axis=1, stream=None):
     """ELU: ``x <= 0 ? alpha * expm1(x) : x`` elementwise.  `stats`, `axis`: see relu."""
+    if not (type(alpha) is float and -_MAX_FLOAT <= alpha <= _MAX_FLOAT):
+        alpha = _real("alpha", alpha)
     if stats or stream is not None:
-        return _forward(ELU, x, out, _real("alpha", alpha), None, axis, stats, stream)
-    return _forward(ELU, x, out, _real("alpha", alpha))
+        return _forward(ELU, x, out, alpha, None, axis, stats, stream)
+    return _forward(ELU, x, out, alpha)
 
 
 def relu_backward(grad, x, *, out=None, stream=None):
@@ -485,7 +487,8 @@ def elu_backward(grad, x, alpha=1.0, *, out=None, from_output=False, stream=None
     With ``from_output=True``, `x` is elu's output y instead, and the gradient is
     ``y <= 0 ? grad * (y + alpha) : grad`` (PyTorch's form; equal up to the rounding of y, and
     it needs alpha >= 0, for which y <= 0 exactly when x <= 0)."""
-    alpha = _real("alpha", alpha)
+    if not (type(alpha) is float and -_MAX_FLOAT <= alpha <= _MAX_FLOAT):
+        alpha = _real("alpha", alpha)
     if not from_output:
         return _backward(ELU, grad, x, out, alpha, stream=stream)
     if alpha < 0:
