@@ -63,10 +63,14 @@ def _host_arrays(named):
             if isinstance(value, _PYTHON_VALUES):
                 arrays.append(None)  # converted below, once the dtype is known
                 continue
+            original = value
             try:
                 value = np.asarray(value)
             except Exception as exc:
                 raise TypeError(f"{name} is not an array: {exc}") from None
+            if value.dtype.kind in "OUSV":
+                raise TypeError(f"{name} must be an array of real numbers, "
+                                f"not {type(original).__name__}")
         dt = _array_dtype(name, value)
         if dtype is None:
             dtype, first = dt, name
@@ -269,6 +273,8 @@ def _real(name, value):
 
 def _axis(name, axis, ndim):
     try:
+        if isinstance(axis, (bool, np.bool_)):
+            raise TypeError
         axis = operator.index(axis)
     except TypeError:
         raise TypeError(f"{name} must be an integer, not {type(axis).__name__}") from None

@@ -159,6 +159,7 @@ def test_parameters_accept_numpy_scalars():
         (np.full(4, 0.25, np.float32), -3, ValueError, "out of bounds"),
         (np.full(4, 0.25, np.float32), 1.0, TypeError, "axis must be an integer"),
         (np.full(4, 0.25, np.float32), "1", TypeError, "axis must be an integer"),
+        (np.full(4, 0.25, np.float32), True, TypeError, "axis must be an integer"),
         (np.float32(0.25), 7, ValueError, "out of bounds"),
     ],
 )
