@@ -231,7 +231,7 @@ def stream_of(a, stream=None):
         return _external_stream(int(ptr))
     interface = getattr(a, "__cuda_array_interface__", None)
     ptr = interface.get("stream") if interface else None
-    return _external_stream(ptr) if ptr else 0
+    return _external_stream(ptr) if ptr else cuda.default_stream()
 
 
 def _external_stream(ptr):
@@ -285,8 +285,7 @@ def is_c_contiguous(a):
 def is_f_contiguous(a):
     kind = _kind(a)
     if kind == "torch":
-        return a.ndim > 1 and a.t().is_contiguous() if a.ndim == 2 else \
-            a.permute(*reversed(range(a.ndim))).is_contiguous()
+        return a.permute(*reversed(range(a.ndim))).is_contiguous()
     if kind == "cupy":
         return a.flags.f_contiguous
     return a.is_f_contiguous()
@@ -305,6 +304,17 @@ def _flat(a):
 def _rows(a, period):
     d = _as_numba(a)
     return d.reshape(d.size // period if period else 0, period)
+
+
+@functools.lru_cache(maxsize=None)
+def _unused_on(device_id, dtype):
+    return cuda.to_device(np.zeros(1, dtype))
+
+
+def _unused(dtype):
+    """A one-element placeholder for a per-channel array a kernel's flags say it does not read
+    (made once per device and dtype, so calls upload nothing)."""
+    return _unused_on(_device_id(), np.dtype(dtype))
 
 
 def _small_device(values, dtype, stream):
@@ -351,9 +361,8 @@ def forward(op, x, out, p, weight, axis, want_counts, bias=None, stream=None):
         k["forward_flat"][blocks, threads, s](op, _flat(xc), _flat(y), ct.type(p))
     elif n or want_counts:
         C, inner = _layout(tuple(xc.shape), axis) if axis is not None else (1, n)
-        dummy = _small_device([0], ct, s)
-        pw = _small_device(weight, ct, s) if weight is not None else dummy
-        pb = _small_device(bias, ct, s) if bias is not None else dummy
+        pw = _small_device(weight, ct, s) if weight is not None else _unused(ct)
+        pb = _small_device(bias, ct, s) if bias is not None else _unused(ct)
         dcounts = cuda.device_array(max(C, 1), np.int64, stream=s)
         k["fill_zero"][1, THREADS, s](dcounts)
         flags = (COUNT if want_counts else 0) | (BIAS if bias is not None else 0) | \
@@ -365,7 +374,7 @@ def forward(op, x, out, p, weight, axis, want_counts, bias=None, stream=None):
                                               ct.type(p), inner, C, pw, pb, dcounts, flags)
         if want_counts:
             counts = dcounts.copy_to_host(stream=s)[:C]
-            s.synchronize() if s != 0 else cuda.synchronize()
+            s.synchronize()  # this stream only: the counts are read on the host
     if out is not None and y is not out:
         _copy_into(out, y)
         y = out
@@ -397,7 +406,7 @@ def backward(op, grad, x, out, p, weight, axis, param_grad=None, sum_kind=SUM_WE
         k["backward_flat"][blocks, threads, s](op, _flat(gc), _flat(xc), _flat(dx), ct.type(p))
     else:
         C, inner = _layout(tuple(xc.shape), axis) if axis is not None else (1, n)
-        pw = _small_device(weight, ct, s) if weight is not None else _small_device([0], ct, s)
+        pw = _small_device(weight, ct, s) if weight is not None else _unused(ct)
         sums = cuda.device_array(max(C, 1), ct, stream=s)
         k["fill_zero"][1, THREADS, s](sums)
         flags = WEIGHT if weight is not None else 0
