@@ -316,6 +316,9 @@ static void fr_share(ptrdiff_t n, int t, int nt, ptrdiff_t *a, ptrdiff_t *b) {
     *b = *a + chunk < n ? *a + chunk : n;
 }
 
+/* Runs BODY for every share t in [0, nt): on the calling thread when nt is 1, else spread over
+ * an OpenMP team.  The team may come out smaller than asked (inside another parallel region,
+ * under OMP_THREAD_LIMIT), so each member takes every team-size'th share: none is ever skipped. */
 #ifdef _OPENMP
 #define FR_PARALLEL(nt, t, ...)                                                                \
     do {                                                                                        \
@@ -325,8 +328,9 @@ static void fr_share(ptrdiff_t n, int t, int nt, ptrdiff_t *a, ptrdiff_t *b) {
         } else {                                                                                \
             __atomic_store_n(&fr_team_started, 1, __ATOMIC_RELAXED);                            \
             _Pragma("omp parallel num_threads(nt)") {                                          \
-                const int t = omp_get_thread_num();                                             \
-                __VA_ARGS__;                                                                    \
+                for (int t = omp_get_thread_num(); t < (nt); t += omp_get_num_threads()) {      \
+                    __VA_ARGS__;                                                                \
+                }                                                                               \
             }                                                                                   \
         }                                                                                       \
     } while (0)
@@ -338,9 +342,9 @@ static void fr_share(ptrdiff_t n, int t, int nt, ptrdiff_t *a, ptrdiff_t *b) {
     } while (0)
 #endif
 
-/* ---- one thread's share: type dispatch and float16 staging -------------------------------- */
+/* ---- one share: type dispatch, float16 and streaming stages ------------------------------- */
 
-#define FR_STAGE 1024 /* float16 elements converted per step: the buffers stay in L1 */
+#define FR_STAGE 1024 /* elements per staged step (float16, streamed outputs): buffers in L1 */
 
 static size_t fr_itemsize(int dt) { return dt == FR_F16 ? 2 : dt == FR_F32 ? 4 : 8; }
 

@@ -253,3 +253,18 @@ def test_more_than_2_to_the_31_elements():
     # x * grad with grad = x over the elements not > 0: (-1)^2 + (-0.25)^2 + (-2)^2
     assert dw == np.float16(5.0625)
     del x
+
+
+def test_smaller_openmp_team_still_covers_every_element():
+    # OMP_THREAD_LIMIT=1 makes every team one thread although two are asked for: no share of
+    # the data may be skipped
+    code = """
+        import numpy as np, fastrelu
+        fastrelu.set_num_threads(2)
+        x = -np.ones(1 << 20, np.float32)
+        y = fastrelu.relu(x)
+        dx, dw = fastrelu.prelu_backward(np.ones_like(x), x, np.float32(0.5))
+        print(int((y == 0).sum()), float(dw))
+    """
+    out = run_python(code, {"OMP_THREAD_LIMIT": "1"})
+    assert out == f"{1 << 20} {-float(1 << 20)}"
