@@ -470,9 +470,9 @@ def leaky_relu_backward(grad, x, negative_slope=0.01, *, out=None, stream=None):
 def _out_pair(out):
     if out is None:
         return None, None
-    if not (isinstance(out, tuple) and len(out) == 2):
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise TypeError("out must be a pair (grad_input_out, grad_param_out); either may be None")
-    return out
+    return tuple(out)
 
 
 def prelu_backward(grad, x, weight, axis=1, *, out=None, stream=None):
