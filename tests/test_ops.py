@@ -262,3 +262,25 @@ def test_backward_matches_finite_differences(name):
     for param in PARAMS[name]:
         numeric = g * (call(fwd, x + h, param=param) - call(fwd, x - h, param=param)) / (2 * h)
         np.testing.assert_allclose(call(bwd, g, x, param=param), numeric, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
+def test_outputs_written_with_streaming_stores(dtype):
+    """Outputs of 64 MiB and more go through non-temporal stores from staged buffers."""
+    n = (65 << 20) // np.dtype(dtype).itemsize // 100 * 100 + 300  # odd stage and row ends
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(n, dtype=np.float32).astype(dtype)
+    g = rng.standard_normal(n, dtype=np.float32).astype(dtype)
+    assert_bitwise(fastrelu.leaky_relu(x, 0.1), reference.leaky_relu(x, 0.1))
+    assert_bitwise(fastrelu.relu_backward(g, x), reference.relu_backward(g, x))
+    x2, g2 = x.reshape(-1, 100), g.reshape(-1, 100)
+    w = np.linspace(-1, 1, 100).astype(dtype)
+    y, stats = fastrelu.prelu(x2, w, stats=True)
+    assert_bitwise(y, reference.prelu(x2, w))
+    np.testing.assert_array_equal(stats.positive, (x2 > 0).sum(axis=0))
+    dx, _ = fastrelu.prelu_backward(g2, x2, w)
+    assert_bitwise(dx, reference.prelu_backward(g2, x2, w)[0])
+    out = x[1:].copy()  # an output that does not start on a cache line
+    fastrelu.relu(x[:-1], out=out)
+    assert_bitwise(out, reference.relu(x[:-1]))
