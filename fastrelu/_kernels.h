@@ -1,14 +1,18 @@
-/* fastrelu CPU kernels: the contract of every op, SIMD dispatch, and the OpenMP drivers.
+/* fastrelu CPU kernels: the contract of every op, SIMD dispatch, and the OpenMP driver.
  *
- * Layout of the work: an array of n elements in memory order is either
- *   - "blocks": runs of `inner` elements that share one parameter, run r belonging to channel
- *     r % C (the flat case is C = 1, inner = n), or
- *   - "rows": a periodic pattern of period L, element k taking the parameter pw[k % L].
- * Both split [0, n) into one contiguous range per thread, so threads never share a cache line of
- * output, and gather per-channel sums into per-thread partials that are added in a fixed order.
+ * A call is an fr_job: n elements in memory order, element k in channel (k / inner) % C (C = 1,
+ * inner = n when nothing is per channel).  fr_run lays it out as either
+ *   - "runs": each run of `inner` elements takes its channel's parameter (and bias), the loops
+ *     see one constant; sums per channel are register reductions; or
+ *   - "rows" (short runs): a periodic pattern of L columns, element k taking column k % L's
+ *     parameter; sums per column, folded into channels at the end.
+ * It splits [0, n) into one contiguous share per thread, so threads never share a cache line of
+ * output, and adds the per-thread partial sums in a fixed order (results do not depend on which
+ * thread ran first).
  *
  * float16 is staged through small float32 buffers (it is computed in float32), so each op's loop
- * exists only for float and double.
+ * exists only for float and double; outputs of 64 MiB and more are staged too, and written with
+ * non-temporal stores.
  */
 #ifndef FASTRELU_KERNELS_H
 #define FASTRELU_KERNELS_H
