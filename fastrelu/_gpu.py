@@ -163,25 +163,27 @@ KERNELS = {np.dtype(np.float32): _kernels(numba.float32),
            np.dtype(np.float64): _kernels(numba.float64)}
 
 
-def _for(dtype):
-    """The kernels for data of `dtype`: float16 is computed in float32."""
-    return KERNELS[np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)]
-
-
 def _compute_dtype(dtype):
+    """float16 and float32 data are computed in float32, float64 in float64."""
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+def _for(dtype):
+    """The kernels for data of `dtype`."""
+    return KERNELS[_compute_dtype(dtype)]
 
 
 # ---- launch configuration -----------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
 def _device_blocks(device_id):
-    """Blocks that fill the device: a few per multiprocessor (cached per device)."""
+    """Blocks that fill the device (cached per device): 8 blocks of 256 threads per
+    multiprocessor, 2048 threads, the most one can hold, to keep memory requests in flight."""
     try:
         sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
     except Exception:  # the simulator
         sms = 1
-    return 4 * sms
+    return 8 * sms
 
 
 def _flat_launch(n):
