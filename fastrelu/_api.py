@@ -95,8 +95,7 @@ def _check_out(name, out, shape, dtype, inputs):
             raise TypeError(f"{name} must be a CUDA array like the inputs, "
                             f"not {type(out).__name__}")
         view = _DeviceView(name, out)
-        if type(out).__module__.startswith("numba") and not view.contiguous():
-            raise TypeError(f"{name} is a strided numba device array: make it contiguous first")
+        _check_device_arrays(inputs + [(name, view)])
         readonly = view.readonly
     else:
         if not isinstance(out, np.ndarray):
@@ -148,18 +147,38 @@ def _is_device(a):
     return hasattr(a, "__cuda_array_interface__")
 
 
+def array_library(a):
+    """Which library made a CUDA array: "torch", "cupy", "numba", or "cai" for any other
+    __cuda_array_interface__ producer (whose results are numba arrays)."""
+    module = type(a).__module__
+    for library in ("torch", "cupy", "numba"):
+        if module.startswith(library):
+            return library
+    return "cai"
+
+
+def device_index(a):
+    """The GPU a PyTorch or CuPy array lives on; None for others (numba's current GPU)."""
+    library = array_library(a)
+    if library == "torch":
+        return a.device.index
+    if library == "cupy":
+        return a.device.id
+    return None
+
+
 class _DeviceView:
     """What validation needs of a CUDA array: shape, dtype, byte strides, address, writability."""
 
-    __slots__ = ("obj", "shape", "dtype", "strides", "ptr", "readonly")
+    __slots__ = ("obj", "library", "device", "shape", "dtype", "strides", "ptr", "readonly")
 
     @property
     def ndim(self):
         return len(self.shape)
 
     def __init__(self, name, obj):
-        self.obj = obj
-        if type(obj).__module__.startswith("torch") and obj.requires_grad:
+        self.obj, self.library = obj, array_library(obj)
+        if self.library == "torch" and obj.requires_grad:
             raise TypeError(f"{name} requires grad and exports no CUDA array interface: "
                             f"pass {name}.detach()")
         interface = getattr(obj, "__cuda_array_interface__", None)
@@ -174,6 +193,7 @@ class _DeviceView:
             host = obj._ary
             self.shape, self.dtype, self.strides = host.shape, host.dtype, host.strides
             self.ptr, self.readonly = host.ctypes.data, not host.flags.writeable
+        self.device = device_index(obj)
 
     def extent(self):
         lo = hi = self.ptr
@@ -190,11 +210,34 @@ class _DeviceView:
         (a0, a1), (b0, b1) = self.extent(), other.extent()
         return a0 < b1 and b0 < a1
 
-    def contiguous(self):
+    def orders(self):
+        """(C-contiguous, F-contiguous)."""
         c = _c_strides(self.shape, self.dtype.itemsize)
         f = tuple(reversed(_c_strides(tuple(reversed(self.shape)), self.dtype.itemsize)))
-        return all(s == cs or n <= 1 for n, s, cs in zip(self.shape, self.strides, c)) or \
-            all(s == fs or n <= 1 for n, s, fs in zip(self.shape, self.strides, f))
+        return (all(s == cs or n <= 1 for n, s, cs in zip(self.shape, self.strides, c)),
+                all(s == fs or n <= 1 for n, s, fs in zip(self.shape, self.strides, f)))
+
+
+def _check_device_arrays(named_views):
+    """CUDA arrays of one call must be on one GPU; numba's (and other producers') arrays must be
+    contiguous, and in one memory order with the call's other arrays: the GPU backend copies CuPy
+    and PyTorch arrays of other layouts with their own library, but has no copy for those."""
+    views = [(n, v) for n, v in named_views if isinstance(v, _DeviceView)]
+    located = [(n, v.device) for n, v in views if v.device is not None]
+    for name, device in located[1:]:
+        if device != located[0][1]:
+            raise ValueError(f"{name} is on CUDA device {device} but {located[0][0]} is on "
+                             f"device {located[0][1]}; move them to one device")
+    orders = [v.orders() for _, v in views]
+    for (name, v), (c, f) in zip(views, orders):
+        if v.library not in ("torch", "cupy") and not (c or f):
+            raise TypeError(f"{name} is a strided {v.library} device array: make it contiguous "
+                            "first (CuPy arrays and PyTorch tensors of any layout are accepted)")
+    if any(v.library not in ("torch", "cupy") for _, v in views) and \
+            not (all(c for c, _ in orders) or all(f for _, f in orders)):
+        names = " and ".join(n for n, _ in views)
+        raise TypeError(f"{names} mix C and Fortran memory orders, which numba device arrays "
+                        "cannot be copied between: give them one order")
 
 
 def _c_strides(shape, itemsize):
@@ -239,12 +282,10 @@ def _device_arrays(named):
             dtype, first = dt, name
         elif dt is not dtype:
             raise TypeError(f"{name} has dtype {dt} but {first} has dtype {dtype}; they must match")
-        if type(value).__module__.startswith("numba") and not view.contiguous():
-            raise TypeError(f"{name} is a strided numba device array: make it contiguous first "
-                            "(CuPy arrays and PyTorch tensors of any layout are accepted)")
         views.append(view)
     if dtype is None:
         raise TypeError("no CUDA array among the arguments")
+    _check_device_arrays([(name, v) for (name, _), v in zip(named, views)])
     for i, (name, value) in enumerate(named):
         if views[i] is None:
             views[i] = _from_python(name, value, dtype)
@@ -252,8 +293,15 @@ def _device_arrays(named):
 
 
 def _check_stream(stream, device):
-    if stream is not None and not device:
+    if stream is None:
+        return
+    if not device:
         raise TypeError("stream= applies to CUDA arrays only")
+    is_handle = isinstance(stream, int) and not isinstance(stream, bool) and stream >= 0
+    if not (is_handle or type(stream).__module__.startswith("numba") or
+            any(hasattr(stream, a) for a in ("__cuda_stream__", "cuda_stream", "ptr"))):
+        raise TypeError("stream must be a numba, CuPy or PyTorch CUDA stream, or a cudaStream_t "
+                        f"as an int, not {type(stream).__name__}")
 
 
 # ---- scalars and axes ---------------------------------------------------------------------------
@@ -345,7 +393,7 @@ def _forward(op, x, out, p, weight=None, axis=1, stats=False, stream=None, bias=
         p, weight = float(weight.reshape(())), None  # one shared weight, statistics per unit
     if device:
         y, counts = _gpu().forward(op, x.obj, out, p, _raw(weight), layout_axis, stats,
-                                   _raw(bias), stream)
+                                   _raw(bias), dtype, stream)
     else:
         y, counts = _cpu.forward(op, x, out, p, weight, layout_axis, stats, bias)
     return (y, _activation_stats(counts, x.shape, layout_axis)) if stats else y
@@ -393,23 +441,19 @@ def _backward(op, grad, x, out, p, weight=None, axis=None, param_out=None, strea
                               x.shape, dtype, inputs)
     if weight is None and not bias_grad:
         if device:
-            return _gpu().backward(op, grad.obj, x.obj, out, p, None, None, None, 0, stream)
+            return _gpu().backward(op, grad.obj, x.obj, out, p, None, None, None, None, 0, dtype,
+                                   stream)[0]
         return _cpu.backward(op, grad, x, out, p, None, None)
     if param_out is not None:
         param_view = _check_out("out[1]", param_out, param_shape, dtype, inputs)
         if out is not None and _memory_overlap(out_view, param_view):
             raise ValueError("out[0] and out[1] overlap")
-        grad_param = param_out
-    elif device:
-        grad_param = _gpu().empty_like_kind(x.obj, param_shape, dtype)
-    else:
-        grad_param = np.empty(param_shape, dtype)
     sum_kind = _cpu.SUM_GRAD if bias_grad else _cpu.SUM_WEIGHT
     if device:
-        dx = _gpu().backward(op, grad.obj, x.obj, out, p, _raw(weight), axis, grad_param,
-                             sum_kind, stream)
-    else:
-        dx = _cpu.backward(op, grad, x, out, p, weight, axis, grad_param, sum_kind)
+        return _gpu().backward(op, grad.obj, x.obj, out, p, _raw(weight), axis, param_out,
+                               param_shape, sum_kind, dtype, stream)
+    grad_param = np.empty(param_shape, dtype) if param_out is None else param_out
+    dx = _cpu.backward(op, grad, x, out, p, weight, axis, grad_param, sum_kind)
     return dx, grad_param
 
 

@@ -15,12 +15,16 @@ kernel shapes serve every op:
 Each is made by a factory per compute type (float32 or float64); `op` and the flags are ordinary
 arguments, uniform across the grid.
 """
+import contextlib
+import ctypes
 import functools
 import math
 
 import numba
 import numpy as np
 from numba import cuda
+
+from ._api import array_library as _kind, device_index
 
 RELU, LEAKY, ELU, COPY, ELU_FROM_Y = 0, 1, 2, 3, 4  # the CPU kernels' op codes
 SUM_NONE, SUM_WEIGHT, SUM_GRAD = 0, 1, 2
@@ -95,16 +99,16 @@ def _kernels(CT):
 
     @cuda.jit(cache=True)
     def forward_rows(op, x, y, p, inner, C, pw, pb, counts, flags):
-        """x, y: (rows, period); pw, pb: C parameters / biases (CT) when flags say so; counts:
-        C int64 positives of x (+ b) when flags & COUNT."""
+        """x, y: (rows, period); pw, pb: C parameters / biases (x's dtype) when flags say so;
+        counts: C int64 positives of x (+ b) when flags & COUNT."""
         shared = cuda.shared.array(SHARED_CHANNELS, numba.int64)
         use_shared = C <= SHARED_CHANNELS and flags & COUNT
         start_shared(shared, C, use_shared)
         j = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         if j < x.shape[1]:
             c = j // inner
-            pj = pw[c % pw.size] if flags & WEIGHT else p  # pw.size is C, or 1 when shared
-            bj = pb[c] if flags & BIAS else zero
+            pj = CT(pw[c % pw.size]) if flags & WEIGHT else p  # pw.size is C, or 1 when shared
+            bj = CT(pb[c]) if flags & BIAS else zero
             positive = 0
             for r in range(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, x.shape[0],
                            cuda.gridDim.y * cuda.blockDim.y):
@@ -128,7 +132,7 @@ def _kernels(CT):
         j = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         if j < x.shape[1]:
             c = j // inner
-            pj = pw[c % pw.size] if flags & WEIGHT else p
+            pj = CT(pw[c % pw.size]) if flags & WEIGHT else p
             local = zero
             for r in range(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, x.shape[0],
                            cuda.gridDim.y * cuda.blockDim.y):
@@ -144,19 +148,21 @@ def _kernels(CT):
                 add_per_channel(local, c, sums, shared, use_shared)
         flush_shared(shared, C, sums, use_shared)
 
-    @cuda.jit(cache=True)
-    def cast(src, dst):
-        for i in range(cuda.grid(1), src.size, cuda.gridsize(1)):
-            dst[i] = src[i]
-
-    @cuda.jit(cache=True)
-    def fill_zero(a):
-        for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
-            a[i] = 0
-
     return {"forward_flat": forward_flat, "backward_flat": backward_flat,
-            "forward_rows": forward_rows, "backward_rows": backward_rows, "cast": cast,
-            "fill_zero": fill_zero}
+            "forward_rows": forward_rows, "backward_rows": backward_rows}
+
+
+@cuda.jit(cache=True)
+def cast(src, dst):
+    """dst[:] = src[:] converted (accumulated sums to the result's dtype)."""
+    for i in range(cuda.grid(1), src.size, cuda.gridsize(1)):
+        dst[i] = src[i]
+
+
+@cuda.jit(cache=True)
+def fill_zero(a):
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
+        a[i] = 0
 
 
 KERNELS = {np.dtype(np.float32): _kernels(numba.float32),
@@ -208,44 +214,25 @@ def _device_id():
         return 0
 
 
-# ---- arrays -------------------------------------------------------------------------------------
+# ---- arrays, streams, devices -------------------------------------------------------------------
 
-def _kind(a):
-    module = type(a).__module__
-    return "torch" if module.startswith("torch") else "cupy" if module.startswith("cupy") \
-        else "numba"
+LIBRARIES = ("torch", "cupy")  # array libraries with their own allocator, copies and streams
 
 
 def _as_numba(a):
     """A numba device array over the same memory (no copy, no synchronization)."""
-    if _kind(a) == "numba":
-        return a
-    return cuda.as_cuda_array(a, sync=False)
+    return a if _kind(a) == "numba" else cuda.as_cuda_array(a, sync=False)
 
 
-def stream_of(a, stream=None):
-    """The stream to launch on: `stream` when given (numba stream, CuPy/PyTorch stream, or a
-    cudaStream_t as int), else the one the producer's __cuda_array_interface__ names, else 0."""
-    if stream is not None:
-        if type(stream).__module__.startswith("numba"):
-            return stream
-        ptr = getattr(stream, "cuda_stream", getattr(stream, "ptr", stream))
-        return _external_stream(int(ptr))
-    interface = getattr(a, "__cuda_array_interface__", None)
-    ptr = interface.get("stream") if interface else None
-    return _external_stream(ptr) if ptr else cuda.default_stream()
-
-
-def _external_stream(ptr):
-    if ptr == 1:
-        return cuda.legacy_default_stream()
-    if ptr == 2:
-        return cuda.per_thread_default_stream()
-    return cuda.external_stream(ptr)
+def _adopt(*arrays):
+    """Other producers' CUDA arrays as numba arrays (no copy); the rest as they are."""
+    return [cuda.as_cuda_array(a, sync=False) if a is not None and _kind(a) == "cai" and
+            not isinstance(a, np.ndarray) else a for a in arrays]
 
 
 def _empty(like, shape, dtype):
-    """A new C-contiguous array of the same kind (and device) as `like`."""
+    """A new C-contiguous array of `dtype` (NumPy) from like's library, on its device: CuPy and
+    PyTorch arrays give their own kind; numba and other producers give numba arrays."""
     kind = _kind(like)
     if kind == "cupy":
         import cupy
@@ -258,13 +245,17 @@ def _empty(like, shape, dtype):
     return cuda.device_array(shape, dtype)
 
 
-def empty_like_kind(like, shape, dtype):
-    """A new array of the kind (CuPy, PyTorch, numba) and device of `like`."""
-    return _empty(like, tuple(shape), dtype)
+def _scratch(like, n, dtype, s):
+    """A 1-d temporary: from like's library's pool (ordered on its current stream, which is the
+    launch stream), else from numba."""
+    if _kind(like) in LIBRARIES:
+        return _flat(_empty(like, (n,), dtype))
+    return cuda.device_array(n, dtype, stream=s)
 
 
 def _contiguous(a):
-    """`a`, or a C-contiguous copy of it (made by the array's own library)."""
+    """`a`, or a C-contiguous copy of it made by its own library (numba and other producers' arrays
+    reach here C- or F-contiguous, so the ops only read them through a transpose)."""
     kind = _kind(a)
     if kind == "cupy":
         import cupy
@@ -272,7 +263,7 @@ def _contiguous(a):
         return cupy.ascontiguousarray(a)
     if kind == "torch":
         return a.contiguous()
-    return a  # numba arrays are checked to be contiguous by the API
+    return a
 
 
 def is_c_contiguous(a):
@@ -281,7 +272,7 @@ def is_c_contiguous(a):
         return a.is_contiguous()
     if kind == "cupy":
         return a.flags.c_contiguous
-    return a.is_c_contiguous()
+    return _as_numba(a).is_c_contiguous()
 
 
 def is_f_contiguous(a):
@@ -290,7 +281,7 @@ def is_f_contiguous(a):
         return a.permute(*reversed(range(a.ndim))).is_contiguous()
     if kind == "cupy":
         return a.flags.f_contiguous
-    return a.is_f_contiguous()
+    return _as_numba(a).is_f_contiguous()
 
 
 def _transpose(a):
@@ -308,6 +299,14 @@ def _rows(a, period):
     return d.reshape(d.size // period if period else 0, period)
 
 
+def _copy_into(out, src):
+    """out[...] = src for a CuPy or PyTorch `out` of another layout (the library's own copy)."""
+    if _kind(out) == "torch":
+        out.copy_(src)
+    else:
+        out[...] = src
+
+
 @functools.lru_cache(maxsize=None)
 def _unused_on(device_id, dtype):
     return cuda.to_device(np.zeros(1, dtype))
@@ -319,18 +318,93 @@ def _unused(dtype):
     return _unused_on(_device_id(), np.dtype(dtype))
 
 
-def _small_device(values, dtype, stream):
-    """Per-channel values as a contiguous 1-d numba array of the compute type: a view of a CUDA
-    array that already is one, a cast of one that is not, or an upload of host values."""
-    if isinstance(values, (np.ndarray, list, tuple, float, int)):
-        return cuda.to_device(np.ascontiguousarray(values, dtype=dtype).reshape(-1), stream=stream)
-    flat = _flat(_contiguous(values))
-    if np.dtype(str(flat.dtype)) == dtype:
-        return flat
-    converted = cuda.device_array(flat.size, dtype, stream=stream)
-    blocks, threads = _flat_launch(flat.size)
-    KERNELS[dtype]["cast"][blocks, threads, stream](flat, converted)
-    return converted
+def _params(values, dtype, s):
+    """Per-channel weights or biases as a contiguous 1-d numba array of the data's dtype (the
+    kernels convert them): a view of a CUDA array, an upload of the NumPy array validation made
+    of Python values, or a placeholder when there are none."""
+    if values is None:
+        return _unused(dtype)
+    if isinstance(values, np.ndarray):
+        return cuda.to_device(values.reshape(-1), stream=s)
+    return _flat(_contiguous(values))
+
+
+def _stream_handle(stream):
+    """The cudaStream_t of a numba, CuPy (.ptr), PyTorch (.cuda_stream) or CUDA-stream-protocol
+    stream, or of an int."""
+    if hasattr(stream, "__cuda_stream__"):
+        return int(stream.__cuda_stream__()[1])
+    handle = getattr(stream, "handle", None)
+    if handle is not None:  # numba: a ctypes pointer or a cuda.bindings CUstream
+        return (handle.value or 0) if isinstance(handle, ctypes.c_void_p) else int(handle)
+    return int(getattr(stream, "cuda_stream", getattr(stream, "ptr", stream)))
+
+
+def _external_stream(handle):
+    if handle in (0, 1):  # the legacy default stream (1 in __cuda_array_interface__)
+        return cuda.legacy_default_stream()
+    if handle == 2:
+        return cuda.per_thread_default_stream()
+    return cuda.external_stream(handle)
+
+
+def launch_stream(a, stream=None):
+    """The numba stream to launch on: `stream` when given; else where a's library runs its own
+    kernels (PyTorch's or CuPy's current stream); else the stream a's __cuda_array_interface__
+    names; else the default stream."""
+    if stream is not None:
+        return stream if type(stream).__module__.startswith("numba") \
+            else _external_stream(_stream_handle(stream))
+    kind = _kind(a)
+    if kind == "torch":
+        import torch
+
+        return _external_stream(torch.cuda.current_stream(a.device).cuda_stream)
+    if kind == "cupy":
+        import cupy
+
+        return _external_stream(cupy.cuda.get_current_stream().ptr)
+    interface = getattr(a, "__cuda_array_interface__", None)
+    handle = interface.get("stream") if interface else None
+    return _external_stream(handle) if handle else cuda.default_stream()
+
+
+def _library_stream(a, s):
+    """Makes `s` the current stream of a's library (CuPy, PyTorch) for the call, so the copies
+    and temporaries it makes are ordered with the kernels, and its pool reuses them after."""
+    kind = _kind(a)
+    if kind not in LIBRARIES:
+        return contextlib.nullcontext()
+    handle = _stream_handle(s)
+    legacy = handle in (0, 1)  # the libraries' own default stream
+    if kind == "torch":
+        import torch
+
+        return torch.cuda.stream(torch.cuda.default_stream(a.device) if legacy else
+                                 torch.cuda.ExternalStream(handle, device=a.device))
+    import cupy
+
+    return cupy.cuda.Stream.null if legacy else cupy.cuda.ExternalStream(handle)
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_count():
+    try:
+        return len(cuda.gpus)
+    except Exception:  # the simulator
+        return 1
+
+
+@contextlib.contextmanager
+def _launching(a, stream):
+    """One call's scope; yields the stream to launch on.  On machines with several GPUs, the GPU
+    holding `a` is made current (numba launches on its current one); a given `stream` is made the
+    current stream of a's library."""
+    index = device_index(a) if _gpu_count() > 1 else None
+    with cuda.gpus[index] if index is not None else contextlib.nullcontext():
+        s = launch_stream(a, stream)
+        with _library_stream(a, s) if stream is not None else contextlib.nullcontext():
+            yield s
 
 
 # ---- the ops ------------------------------------------------------------------------------------
@@ -342,106 +416,122 @@ def _layout(shape, axis):
     return C, inner
 
 
-def forward(op, x, out, p, weight, axis, want_counts, bias=None, stream=None):
-    """Like fastrelu._cpu.forward, on CUDA arrays: returns (y, counts or None); counts come back
-    as an int64 NumPy array (reading them waits for this stream only)."""
-    transposed = x.ndim > 1 and not is_c_contiguous(x) and is_f_contiguous(x) and \
-        (out is None or (not is_c_contiguous(out) and is_f_contiguous(out)))
-    if transposed:
-        x, out = _transpose(x), (None if out is None else _transpose(out))
-        axis = None if axis is None else x.ndim - 1 - axis
-    s = stream_of(x, stream)
-    xc = _contiguous(x)
-    y = out if out is not None and is_c_contiguous(out) else _empty(xc, tuple(xc.shape), x.dtype)
-    dtype = np.dtype(str(_as_numba(xc).dtype))
-    k = _for(dtype)
-    ct = _compute_dtype(dtype)
-    n = math.prod(xc.shape)
-    counts = None
-    if n and axis is None and weight is None and bias is None and not want_counts:
-        blocks, threads = _flat_launch(n)
-        k["forward_flat"][blocks, threads, s](op, _flat(xc), _flat(y), ct.type(p))
-    elif n or want_counts:
-        C, inner = _layout(tuple(xc.shape), axis) if axis is not None else (1, n)
-        pw = _small_device(weight, ct, s) if weight is not None else _unused(ct)
-        pb = _small_device(bias, ct, s) if bias is not None else _unused(ct)
-        dcounts = cuda.device_array(max(C, 1), np.int64, stream=s)
-        k["fill_zero"][1, THREADS, s](dcounts)
-        flags = (COUNT if want_counts else 0) | (BIAS if bias is not None else 0) | \
-            (WEIGHT if weight is not None else 0)
-        period = C * inner
-        if n:
-            grid, block = _rows_launch(n // period, period)
-            k["forward_rows"][grid, block, s](op, _rows(xc, period), _rows(y, period),
-                                              ct.type(p), inner, C, pw, pb, dcounts, flags)
-        if want_counts:
-            counts = dcounts.copy_to_host(stream=s)[:C]
-            s.synchronize()  # this stream only: the counts are read on the host
-    if out is not None and y is not out:
-        _copy_into(out, y)
-        y = out
-    return (_transpose(y) if transposed else y), counts
+def _all_f_ordered(*arrays):
+    """Every array is F- but not C-contiguous (or None): the op then runs on the transposes."""
+    return all(a is None or (a.ndim > 1 and not is_c_contiguous(a) and is_f_contiguous(a))
+               for a in arrays)
 
 
-def backward(op, grad, x, out, p, weight, axis, param_grad=None, sum_kind=SUM_WEIGHT,
+def forward(op, x, out, p, weight, axis, want_counts, bias, dtype, stream=None):
+    """Like fastrelu._cpu.forward, on CUDA arrays of NumPy dtype `dtype`: returns (y, counts or
+    None); counts come back as an int64 NumPy array (reading them waits for this stream only)."""
+    result_out = out
+    with _launching(x, stream) as s:
+        x, out, weight, bias = _adopt(x, out, weight, bias)
+        transposed = x.ndim > 1 and _all_f_ordered(x, out)
+        if transposed:
+            x, out = _transpose(x), (None if out is None else _transpose(out))
+            axis = None if axis is None else x.ndim - 1 - axis
+        xc = _contiguous(x)
+        y = out if out is not None and is_c_contiguous(out) else \
+            _empty(xc, tuple(xc.shape), dtype)
+        k, ct = _for(dtype), _compute_dtype(dtype)
+        n = math.prod(xc.shape)
+        counts = None
+        if n and axis is None and weight is None and bias is None and not want_counts:
+            blocks, threads = _flat_launch(n)
+            k["forward_flat"][blocks, threads, s](op, _flat(xc), _flat(y), ct.type(p))
+        elif n or want_counts:
+            C, inner = _layout(tuple(xc.shape), axis) if axis is not None else (1, n)
+            pw, pb = _params(weight, dtype, s), _params(bias, dtype, s)
+            flags = (COUNT if want_counts else 0) | (BIAS if bias is not None else 0) | \
+                (WEIGHT if weight is not None else 0)
+            if want_counts:
+                dcounts = _scratch(xc, max(C, 1), np.int64, s)
+                _fill_zero(dcounts, s)
+            else:
+                dcounts = _unused(np.int64)
+            period = C * inner
+            if n:
+                grid, block = _rows_launch(n // period, period)
+                k["forward_rows"][grid, block, s](op, _rows(xc, period), _rows(y, period),
+                                                  ct.type(p), inner, C, pw, pb, dcounts, flags)
+            if want_counts:
+                counts = dcounts.copy_to_host(stream=s)[:C]
+                s.synchronize()  # this stream only: the counts are read on the host
+        if out is not None and y is not out:
+            _copy_into(out, y)
+        return result_out if result_out is not None else \
+            (_transpose(y) if transposed else y), counts
+
+
+def backward(op, grad, x, out, p, weight, axis, param_out, param_shape, sum_kind, dtype,
              stream=None):
-    """Like fastrelu._cpu.backward, on CUDA arrays; `param_grad` (C elements of x's dtype, a CUDA
-    array) receives the per-channel sums, accumulated in float32 (float64 for float64 data)."""
-    transposed = x.ndim > 1 and not is_c_contiguous(x) and is_f_contiguous(x) and \
-        not is_c_contiguous(grad) and is_f_contiguous(grad) and \
-        (out is None or (not is_c_contiguous(out) and is_f_contiguous(out)))
-    if transposed:
-        x, grad = _transpose(x), _transpose(grad)
-        out = None if out is None else _transpose(out)
-        axis = None if axis is None else x.ndim - 1 - axis
-    s = stream_of(x, stream)
-    xc, gc = _contiguous(x), _contiguous(grad)
-    dx = out if out is not None and is_c_contiguous(out) else _empty(xc, tuple(xc.shape), x.dtype)
-    dtype = np.dtype(str(_as_numba(xc).dtype))
-    k = _for(dtype)
-    ct = _compute_dtype(dtype)
-    n = math.prod(xc.shape)
-    if param_grad is None:
-        sum_kind = SUM_NONE
-    if n and axis is None and weight is None and sum_kind == SUM_NONE:
-        blocks, threads = _flat_launch(n)
-        k["backward_flat"][blocks, threads, s](op, _flat(gc), _flat(xc), _flat(dx), ct.type(p))
-    else:
-        C, inner = _layout(tuple(xc.shape), axis) if axis is not None else (1, n)
-        pw = _small_device(weight, ct, s) if weight is not None else _unused(ct)
-        sums = cuda.device_array(max(C, 1), ct, stream=s)
-        k["fill_zero"][1, THREADS, s](sums)
-        flags = WEIGHT if weight is not None else 0
-        period = C * inner
-        if n:
-            grid, block = _rows_launch(n // period, period)
-            k["backward_rows"][grid, block, s](op, _rows(gc, period), _rows(xc, period),
-                                               _rows(dx, period), ct.type(p), inner, C, pw, sums,
-                                               flags, sum_kind)
-        if param_grad is not None:
-            target = _flat(param_grad)
-            blocks, threads = _flat_launch(C)
-            k["cast"][blocks, threads, s](sums[:C], target)
-    if out is not None and dx is not out:
-        _copy_into(out, dx)
-        dx = out
-    return _transpose(dx) if transposed else dx
+    """Like fastrelu._cpu.backward, on CUDA arrays of NumPy dtype `dtype`.  With `param_shape`,
+    also the per-channel sums of sum_kind (weight or input gradient), accumulated in float32
+    (float64 for float64 data) and returned in `param_out` or a new array of that shape:
+    returns (dx, sums or None)."""
+    result_out = out
+    with _launching(x, stream) as s:
+        grad, x, out, weight, param_out = _adopt(grad, x, out, weight, param_out)
+        transposed = x.ndim > 1 and _all_f_ordered(x, grad, out)
+        if transposed:
+            x, grad = _transpose(x), _transpose(grad)
+            out = None if out is None else _transpose(out)
+            axis = None if axis is None else x.ndim - 1 - axis
+        xc, gc = _contiguous(x), _contiguous(grad)
+        dx = out if out is not None and is_c_contiguous(out) else \
+            _empty(xc, tuple(xc.shape), dtype)
+        k, ct = _for(dtype), _compute_dtype(dtype)
+        n = math.prod(xc.shape)
+        param = None
+        if param_shape is None and axis is None and weight is None:
+            if n:
+                blocks, threads = _flat_launch(n)
+                k["backward_flat"][blocks, threads, s](op, _flat(gc), _flat(xc), _flat(dx),
+                                                       ct.type(p))
+        else:
+            C, inner = _layout(tuple(xc.shape), axis) if axis is not None else (1, n)
+            pw = _params(weight, dtype, s)
+            if param_shape is None:
+                sum_kind, sums = SUM_NONE, _unused(ct)
+            else:
+                param = param_out if param_out is not None else _empty(xc, param_shape, dtype)
+                # float32/float64 results are the accumulators themselves
+                direct = dtype == ct and is_c_contiguous(param)
+                sums = _flat(param) if direct else _scratch(xc, C, ct, s)
+                _fill_zero(sums, s)
+            period = C * inner
+            if n:
+                grid, block = _rows_launch(n // period, period)
+                k["backward_rows"][grid, block, s](op, _rows(gc, period), _rows(xc, period),
+                                                   _rows(dx, period), ct.type(p), inner, C, pw,
+                                                   sums, WEIGHT if weight is not None else 0,
+                                                   sum_kind)
+            if param is not None and not direct:
+                target = param if is_c_contiguous(param) else _empty(xc, param_shape, dtype)
+                blocks, threads = _flat_launch(C)
+                cast[blocks, threads, s](sums, _flat(target))
+                if target is not param:
+                    _copy_into(param, target)
+        if out is not None and dx is not out:
+            _copy_into(out, dx)
+        return result_out if result_out is not None else \
+            (_transpose(dx) if transposed else dx), param
 
 
-def _copy_into(out, src):
-    """out[...] = src for a non-contiguous `out` (CuPy or PyTorch)."""
-    if _kind(out) == "torch":
-        out.copy_(src)
-    else:
-        out[...] = src
+def _fill_zero(a, s):
+    blocks, threads = _flat_launch(a.size)
+    fill_zero[blocks, threads, s](a)
 
 
 def copy(src, dst):
     """dst[...] = src through the flat kernel: the GPU benchmarks' roofline."""
-    blocks, threads = _flat_launch(math.prod(src.shape))
     dtype = np.dtype(str(_as_numba(src).dtype))
-    _for(dtype)["forward_flat"][blocks, threads, stream_of(src)](
-        COPY, _flat(src), _flat(dst), _compute_dtype(dtype).type(0))
+    with _launching(src, None) as s:
+        blocks, threads = _flat_launch(math.prod(src.shape))
+        _for(dtype)["forward_flat"][blocks, threads, s](
+            COPY, _flat(src), _flat(dst), _compute_dtype(dtype).type(0))
 
 
 def state():
@@ -457,26 +547,29 @@ def state():
 
 
 def compile_ptx_all(cc=(9, 0)):
-    """Compiles every kernel, for every dtype, to PTX (no GPU needed): the CI check that the
-    kernels type-check, which the simulator does not do.  Returns {name: PTX size}."""
+    """Compiles every kernel, for every dtype, with the argument types calls give them, to PTX
+    (no GPU needed): the CI check that the kernels type-check, which the simulator does not do.
+    Returns {name: PTX size}."""
     from numba.core import types
 
+    i = types.int64  # Python ints (op codes, flags, sizes) arrive as int64
     out = {}
     for dt_name in ("float16", "float32", "float64"):
         dt = getattr(types, dt_name)
         ct = types.float64 if dt_name == "float64" else types.float32
-        k = KERNELS[np.dtype(np.float64 if dt_name == "float64" else np.float32)]
+        k = _for(np.dtype(dt_name))
         a1, a2 = dt[::1], dt[:, ::1]
-        i, i64 = types.int32, types.int64
-        signatures = {
-            "forward_flat": (i, a1, a1, ct),
-            "backward_flat": (i, a1, a1, a1, ct),
-            "forward_rows": (i, a2, a2, ct, i64, i64, ct[::1], ct[::1], i64[::1], i),
-            "backward_rows": (i, a2, a2, a2, ct, i64, i64, ct[::1], ct[::1], i, i),
-            "cast": (ct[::1], dt[::1]),
-            "fill_zero": (ct[::1],),
+        launches = {
+            "forward_flat": (k["forward_flat"], (i, a1, a1, ct)),
+            "backward_flat": (k["backward_flat"], (i, a1, a1, a1, ct)),
+            "forward_rows": (k["forward_rows"], (i, a2, a2, ct, i, i, a1, a1, i[::1], i)),
+            "backward_rows": (k["backward_rows"], (i, a2, a2, a2, ct, i, i, a1, ct[::1], i, i)),
+            "cast": (cast, (ct[::1], a1)),
         }
-        for name, sig in signatures.items():
-            ptx, _ = cuda.compile_ptx(k[name].py_func, sig, cc=cc)
+        for name, (kernel, sig) in launches.items():
+            ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
             out[f"{name}[{dt_name}]"] = len(ptx)
+    for zeroed in (types.float32, types.float64, i):  # accumulators and counts
+        ptx, _ = cuda.compile_ptx(fill_zero.py_func, (zeroed[::1],), cc=cc)
+        out[f"fill_zero[{zeroed}]"] = len(ptx)
     return out

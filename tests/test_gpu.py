@@ -195,6 +195,95 @@ def test_device_validation():
         fastrelu.relu(dev(np.ones((4, 6), np.float32))[:, ::2])
 
 
+def test_prelu_backward_into_out_pair():
+    for dtype in DTYPES:  # float16 sums go through a float32 accumulator, the others directly
+        x, g = data((6, 4, 5), dtype, 10)
+        w = np.array([0.1, -0.3, 0.5, 2.0], dtype)
+        dx_out, dw_out = cuda.device_array(x.shape, dtype), cuda.device_array(4, dtype)
+        dx, dw = fastrelu.prelu_backward(dev(g), dev(x), dev(w), out=(dx_out, dw_out))
+        assert dx is dx_out and dw is dw_out
+        ref_dx, ref_dw = reference.prelu_backward(g, x, w)
+        check("prelu", dx, ref_dx)
+        finite = np.isfinite(ref_dw)
+        np.testing.assert_allclose(host(dw)[finite].astype(np.float64),
+                                   ref_dw[finite].astype(np.float64), rtol=5e-3)
+        _, db = fastrelu.bias_activation_backward(dev(g), dev(x), "relu", out=(None, dw_out))
+        assert db is dw_out
+
+
+def test_numba_arrays_of_mixed_memory_orders_are_refused():
+    x, g = data((4, 6), np.float32, 11)
+    xf = cuda.to_device(np.asfortranarray(x))
+    with pytest.raises(TypeError, match="mix C and Fortran memory orders"):
+        fastrelu.relu_backward(dev(g), xf)
+    with pytest.raises(TypeError, match="mix C and Fortran memory orders"):
+        fastrelu.relu(xf, out=cuda.device_array(x.shape, np.float32))
+    with pytest.raises(TypeError, match="strided numba device array"):
+        fastrelu.prelu_backward(dev(g), dev(x), dev(np.ones(6, np.float32)),
+                                out=(None, cuda.device_array(12, np.float32)[::2]))
+    y = cuda.device_array(x.shape, np.float32, order="F")
+    assert fastrelu.relu(xf, out=y) is y  # one order: runs on the transposes
+    check("relu", y, reference.relu(x))
+
+
+def test_bad_streams_are_refused():
+    x, _ = data((4, 6), np.float32, 12)
+    for bad in ("0", 1.5, -1, True, object()):
+        with pytest.raises(TypeError, match="stream must be a numba, CuPy or PyTorch"):
+            fastrelu.relu(dev(x), stream=bad)
+
+
+class ForeignArray:
+    """A CUDA array from a library fastrelu does not know: it only exports
+    __cuda_array_interface__ (version 3, naming the legacy default stream).  Under the simulator,
+    whose numba has no as_cuda_array, it describes host memory, and the `foreign` fixture supplies
+    one that wraps that memory in a simulator array, as the real function wraps device memory."""
+
+    def __init__(self, a):
+        self.inner = a if SIMULATOR else cuda.to_device(a)
+
+    @property
+    def __cuda_array_interface__(self):
+        if SIMULATOR:
+            interface = dict(self.inner.__array_interface__, version=3)
+            interface.pop("descr", None)
+        else:
+            interface = dict(self.inner.__cuda_array_interface__)
+        interface["stream"] = 1
+        return interface
+
+
+@pytest.fixture
+def foreign(monkeypatch):
+    if SIMULATOR:
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        def as_cuda_array(obj, sync=True):  # the memory the interface describes, no copy
+            assert obj.__cuda_array_interface__["data"][0] == obj.inner.ctypes.data
+            return FakeCUDAArray(obj.inner)
+
+        monkeypatch.setattr(cuda, "as_cuda_array", as_cuda_array, raising=False)
+    return ForeignArray
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_other_cuda_array_interface_producers(foreign, order):
+    x, g = data((6, 8), np.float32, 13)
+    x, g = (np.asarray(a, order=order) for a in (x, g))
+    y = fastrelu.leaky_relu(foreign(x), 0.2)
+    assert type(y).__module__.startswith("numba")  # results of unknown producers: numba arrays
+    check("leaky_relu", y, reference.leaky_relu(x, 0.2))
+    w = np.linspace(-1, 1, 8).astype(np.float32)
+    dx, dw = fastrelu.prelu_backward(foreign(g), foreign(x), foreign(w))
+    ref_dx, ref_dw = reference.prelu_backward(g, x, w)
+    check("prelu", dx, ref_dx)
+    np.testing.assert_allclose(host(dw), ref_dw, rtol=1e-5, atol=1e-6)
+    xin = foreign(x.copy(order=order))
+    assert fastrelu.relu(xin, out=xin) is xin  # in place
+    with pytest.raises(TypeError, match="strided cai device array"):
+        fastrelu.relu(foreign(x[:, ::2]))
+
+
 # ---- a real GPU only: CuPy and PyTorch interop, streams, large arrays ----------------------------
 
 @real_gpu
@@ -254,3 +343,45 @@ def test_large_arrays():
     ref_dx, ref_dw = reference.prelu_backward(g.reshape(x2.shape), x2, w)
     check("prelu", dx, ref_dx)
     np.testing.assert_allclose(host(dw), ref_dw, rtol=1e-4, atol=1e-3)
+
+
+@real_gpu
+def test_explicit_library_streams_and_strided_outputs():
+    cupy = pytest.importorskip("cupy")
+    x, g = data((256, 64), np.float16)
+    w = np.linspace(0, 1, 64).astype(np.float16)
+    ref_dx, ref_dw = reference.prelu_backward(g, x, w)
+    s = cupy.cuda.Stream(non_blocking=True)
+    with s:
+        cx, cg, cw = cupy.asarray(x), cupy.asarray(g), cupy.asarray(w)
+        dw_out = cupy.zeros(128, np.float16)[::2]
+        s.synchronize()
+    dx, dw = fastrelu.prelu_backward(cg, cx, cw, out=(None, dw_out), stream=s)
+    s.synchronize()
+    assert dw is dw_out
+    check("prelu", dx, ref_dx)
+    np.testing.assert_allclose(host(dw).astype(np.float64), ref_dw, rtol=5e-3, atol=5e-3)
+
+    torch = pytest.importorskip("torch")
+    ts = torch.cuda.Stream()
+    with torch.cuda.stream(ts):
+        tx = torch.from_numpy(x.astype(np.float32)).cuda().t()  # F-ordered
+        y = fastrelu.leaky_relu(tx, 0.1, stream=ts)
+        y2 = fastrelu.leaky_relu(tx, 0.1)  # the current stream, ts
+    ts.synchronize()
+    assert_bitwise(host(y), reference.leaky_relu(x.astype(np.float32).T, 0.1))
+    assert_bitwise(host(y2), host(y))
+
+
+@real_gpu
+def test_arrays_on_a_second_gpu():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    x, _ = data((1000,), np.float32)
+    t1 = torch.from_numpy(x).to("cuda:1")
+    y = fastrelu.relu(t1)
+    assert y.device == t1.device
+    check("relu", y, reference.relu(x))
+    with pytest.raises(ValueError, match="out is on CUDA device 0 but x is on device 1"):
+        fastrelu.relu(t1, out=torch.empty(1000, device="cuda:0"))
