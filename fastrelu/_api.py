@@ -39,6 +39,13 @@ def _array_dtype(name, a):
     raise TypeError(f"{name} has dtype {dt}, which is not a real floating-point type")
 
 
+def _refuse_masked(name, value):
+    """Masked arrays would silently lose their mask (the kernels see only the data)."""
+    if isinstance(value, np.ndarray) and type(value).__module__.startswith("numpy.ma"):
+        raise TypeError(f"{name} is a masked array, whose mask fastrelu would ignore: pass "
+                        f"{name}.filled(fill_value) or {name}.data")
+
+
 def _from_python(name, value, dtype):
     """A Python number or (nested) list of numbers as an array of `dtype`."""
     if isinstance(value, bool):
@@ -59,6 +66,7 @@ def _host_arrays(named):
     arrays = []
     dtype = first = None
     for name, value in named:
+        _refuse_masked(name, value)
         if not isinstance(value, np.ndarray):
             if isinstance(value, _PYTHON_VALUES):
                 arrays.append(None)  # converted below, once the dtype is known
@@ -100,6 +108,7 @@ def _check_out(name, out, shape, dtype, inputs):
     else:
         if not isinstance(out, np.ndarray):
             raise TypeError(f"{name} must be a NumPy array, not {type(out).__name__}")
+        _refuse_masked(name, out)
         view, readonly = out, not out.flags.writeable
     if view.dtype.char != dtype.char or view.dtype.kind != "f":
         raise TypeError(f"{name} has dtype {view.dtype} but the result has dtype {dtype}")

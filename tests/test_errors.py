@@ -204,3 +204,16 @@ def test_simd_and_thread_settings_are_validated():
         fastrelu.set_num_threads(0)
     with pytest.raises(TypeError, match="integer"):
         fastrelu.set_num_threads(2.5)
+
+
+def test_masked_arrays_are_refused_not_unmasked():
+    xm = np.ma.array(X, mask=X < 0)
+    raises(TypeError, "x is a masked array", lambda: fastrelu.relu(xm), X)
+    raises(TypeError, "grad is a masked array", lambda: fastrelu.relu_backward(xm, X), X)
+    out = np.ma.array(np.zeros_like(X), mask=X < 0)
+    raises(TypeError, "out is a masked array", lambda: fastrelu.relu(X, out=out), X, out.data)
+    # other ndarray subclasses are computed on as plain arrays
+    class Subclass(np.ndarray):
+        pass
+
+    np.testing.assert_array_equal(fastrelu.relu(X.view(Subclass)), np.maximum(X, 0))
