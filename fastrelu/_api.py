@@ -20,7 +20,8 @@ RELU, LEAKY, ELU, ELU_FROM_Y = 0, 1, 2, 4
 
 _FLOAT_DTYPES = {c: np.dtype(c) for c in "efd"}  # float16, float32, float64 by type character
 _PYTHON_VALUES = (list, tuple, int, float)
-_MAX_FLOAT = 1.7976931348623157e308  # finite floats lie in [-_MAX_FLOAT, _MAX_FLOAT]; NaN in neither
+_MAX_FLOAT = 1.7976931348623157e308  # finite floats lie in [_MIN_FLOAT, _MAX_FLOAT]; NaN in neither
+_MIN_FLOAT = -_MAX_FLOAT
 
 
 # ---- arrays -------------------------------------------------------------------------------------
@@ -482,7 +483,7 @@ def relu(x, *, out=None, stats=False, axis=1, stream=None):
 
 def leaky_relu(x, negative_slope=0.01, *, out=None, stats=False, axis=1, stream=None):
     """Leaky ReLU: ``x > 0 ? x : x * negative_slope`` elementwise.  `stats`, `axis`: see relu."""
-    if not (type(negative_slope) is float and -_MAX_FLOAT <= negative_slope <= _MAX_FLOAT):
+    if not (type(negative_slope) is float and _MIN_FLOAT <= negative_slope <= _MAX_FLOAT):
         negative_slope = _real("negative_slope", negative_slope)
     if stats or stream is not None:
         return _forward(LEAKY, x, out, negative_slope, None, axis, stats, stream)
@@ -500,7 +501,7 @@ def prelu(x, weight, axis=1, *, out=None, stats=False, stream=None):
 
 def elu(x, alpha=1.0, *, out=None, stats=False, axis=1, stream=None):
     """ELU: ``x <= 0 ? alpha * expm1(x) : x`` elementwise.  `stats`, `axis`: see relu."""
-    if not (type(alpha) is float and -_MAX_FLOAT <= alpha <= _MAX_FLOAT):
+    if not (type(alpha) is float and _MIN_FLOAT <= alpha <= _MAX_FLOAT):
         alpha = _real("alpha", alpha)
     if stats or stream is not None:
         return _forward(ELU, x, out, alpha, None, axis, stats, stream)
@@ -515,7 +516,7 @@ def relu_backward(grad, x, *, out=None, stream=None):
 def leaky_relu_backward(grad, x, negative_slope=0.01, *, out=None, stream=None):
     """Gradient of leaky_relu w.r.t. x: ``x > 0 ? grad : grad * negative_slope``.  With
     negative_slope >= 0, `x` may be leaky_relu's output instead."""
-    if not (type(negative_slope) is float and -_MAX_FLOAT <= negative_slope <= _MAX_FLOAT):
+    if not (type(negative_slope) is float and _MIN_FLOAT <= negative_slope <= _MAX_FLOAT):
         negative_slope = _real("negative_slope", negative_slope)
     return _backward(LEAKY, grad, x, out, negative_slope, stream=stream)
 
@@ -546,7 +547,7 @@ def elu_backward(grad, x, alpha=1.0, *, out=None, from_output=False, stream=None
     With ``from_output=True``, `x` is elu's output y instead, and the gradient is
     ``y <= 0 ? grad * (y + alpha) : grad`` (PyTorch's form; equal up to the rounding of y, and
     it needs alpha >= 0, for which y <= 0 exactly when x <= 0)."""
-    if not (type(alpha) is float and -_MAX_FLOAT <= alpha <= _MAX_FLOAT):
+    if not (type(alpha) is float and _MIN_FLOAT <= alpha <= _MAX_FLOAT):
         alpha = _real("alpha", alpha)
     if not from_output:
         return _backward(ELU, grad, x, out, alpha, stream=stream)

@@ -482,12 +482,58 @@ static void fr_run_share(const fr_job *job, ptrdiff_t a, ptrdiff_t b, void *sums
     }
 }
 
-static void fr_add_sum(const fr_job *job, fr_sum *total, const char *sums, ptrdiff_t i) {
-    if (job->backward)
-        total->wsum += ((const double *)sums)[i];
-    else
-        total->count += ((const int64_t *)sums)[i];
+/* row[from:to] = v in the compute type of dt. */
+static void fr_fill(int dt, char *row, ptrdiff_t from, ptrdiff_t to, double v) {
+    const float f = (float)v;
+    for (ptrdiff_t i = from; i < to; i++) {
+        if (dt == FR_F64)
+            ((double *)row)[i] = v;
+        else
+            ((float *)row)[i] = f;
+    }
 }
+
+/* The first C * inner columns of a rows layout's row, in the compute type: each channel's value
+ * (per_channel: C values in the compute type) repeated `inner` times, or p in every column. */
+static void fr_fill_row(int dt, char *row, const void *per_channel, double p, ptrdiff_t C,
+                        ptrdiff_t inner) {
+    if (!per_channel)
+        fr_fill(dt, row, 0, C * inner, p);
+    else if (inner == 1)
+        memcpy(row, per_channel, (size_t)C * (dt == FR_F64 ? sizeof(double) : sizeof(float)));
+    else
+        for (ptrdiff_t c = 0; c < C; c++)
+            fr_fill(dt, row, c * inner, (c + 1) * inner, fr_param(dt, per_channel, c));
+}
+
+/* Partial sums are float64 (backward) or int64 counts (forward): each loop below is written once
+ * for both. */
+#define FR_SUMS(backward, LOOP)                                                                 \
+    do {                                                                                        \
+        if (backward) {                                                                         \
+            typedef double T;                                                                   \
+            LOOP;                                                                               \
+        } else {                                                                                \
+            typedef int64_t T;                                                                  \
+            LOOP;                                                                               \
+        }                                                                                       \
+    } while (0)
+
+/* dst[j] += src[j] for n partial sums. */
+static void fr_fold(int backward, char *dst, const char *src, size_t n) {
+    FR_SUMS(backward, for (size_t j = 0; j < n; j++) ((T *)dst)[j] += ((const T *)src)[j]);
+}
+
+/* sums[c] = the sum of sums[c * inner + i] for i < inner, in place (every read of a channel's
+ * columns comes before the write over any of them). */
+static void fr_channel_sums(int backward, char *sums, ptrdiff_t C, ptrdiff_t inner) {
+    FR_SUMS(backward, for (ptrdiff_t c = 0; c < C; c++) {
+        T total = 0;
+        for (ptrdiff_t i = c * inner; i < (c + 1) * inner; i++) total += ((const T *)sums)[i];
+        ((T *)sums)[c] = total;
+    });
+}
+#undef FR_SUMS
 
 /* Channel runs of at least FR_MIN_RUN elements are walked one run at a time, each with its own
  * parameter (the runs layout).  Shorter runs would spend more on the per-run call than on the data,
@@ -513,30 +559,33 @@ static int fr_run(fr_job *job) {
             fr_store(dt, job->param_grad, c, 0.0);
         return 0;
     }
+    if (job->C == 1) job->inner = job->n; /* one channel: a single run, whatever the shape */
     const ptrdiff_t period = job->C * job->inner;
-    char *rows = NULL; /* the rows layout's parameters, then its biases */
+    char *rows = NULL; /* the rows layout's parameters and biases that need a row of their own */
     if ((job->pw || job->bias || want) && job->inner < FR_MIN_RUN && period <= FR_MAX_ROW) {
-        ptrdiff_t L = period;
-        while (L % 16 || L < FR_MIN_ROW) L += period;
-        if (!(rows = malloc((size_t)L * csz * (job->bias ? 2 : 1)))) return -1;
-        for (int part = 0; part < (job->bias ? 2 : 1); part++) {
-            char *row = rows + (size_t)part * (size_t)L * csz;
-            const void *per_channel = part ? job->bias : job->pw;
-            for (ptrdiff_t c = 0; c < job->C; c++) { /* one period, then copies of it */
-                double v = per_channel ? fr_param(dt, per_channel, c) : job->p;
-                for (ptrdiff_t i = c * job->inner; i < (c + 1) * job->inner; i++) {
-                    if (dt == FR_F64)
-                        ((double *)row)[i] = v;
-                    else
-                        ((float *)row)[i] = (float)v;
-                }
+        ptrdiff_t L = period; /* repeated no further than the data reaches */
+        while ((L % 16 || L < FR_MIN_ROW) && L + period <= job->n) L += period;
+        /* one parameter per column already: C values, one per channel, not repeated */
+        const int as_is = job->inner == 1 && L == period;
+        const void *per_channel[2] = {job->pw, job->bias};
+        const void **row_of[2] = {&job->pw_row, &job->pb_row};
+        const int parts = job->bias ? 2 : 1;
+        int built = 0;
+        for (int part = 0; part < parts; part++)
+            built += !(as_is && per_channel[part]);
+        if (built && !(rows = malloc((size_t)L * csz * (size_t)built))) return -1;
+        for (int part = 0, b = 0; part < parts; part++) {
+            if (as_is && per_channel[part]) {
+                *row_of[part] = per_channel[part];
+                continue;
             }
-            for (ptrdiff_t j = period; j < L; j += period)
+            char *row = rows + (size_t)(b++) * (size_t)L * csz;
+            fr_fill_row(dt, row, per_channel[part], job->p, job->C, job->inner);
+            for (ptrdiff_t j = period; j < L; j += period) /* copies of the first period */
                 memcpy(row + (size_t)j * csz, row, (size_t)period * csz);
+            *row_of[part] = row;
         }
         job->L = L;
-        job->pw_row = rows;
-        job->pb_row = job->bias ? rows + (size_t)L * csz : NULL;
     }
     /* per-thread sums, 8 bytes a column (rows) or channel (runs) */
     const size_t len = job->L ? (size_t)job->L : (size_t)job->C;
@@ -552,23 +601,20 @@ static int fr_run(fr_job *job) {
         fr_run_share(job, a, b, sums ? sums + (size_t)t * len * 8 : NULL);
         if (job->stream) _mm_sfence(); /* streamed stores are visible before the team joins */
     });
-    if (sums) { /* threads in a fixed order; in rows, the columns of each channel */
-        for (ptrdiff_t c = 0; c < job->C; c++) {
-            fr_sum total = {0};
-            for (int t = 0; t < nt; t++) {
-                const char *part = sums + (size_t)t * len * 8;
-                if (!job->L)
-                    fr_add_sum(job, &total, part, c);
-                else
-                    for (ptrdiff_t col = c * job->inner; col < job->L; col += period)
-                        for (ptrdiff_t i = 0; i < job->inner; i++)
-                            fr_add_sum(job, &total, part, col + i);
-            }
-            if (job->backward)
-                fr_store(dt, job->param_grad, c, total.wsum);
-            else
-                job->counts[c] = total.count;
-        }
+    if (sums) {
+        /* every thread's partials, and in rows every copy of the period, are added (in a fixed
+         * order) into the first period of thread 0's; then each channel's columns */
+        const size_t width = job->L ? (size_t)period : (size_t)job->C;
+        for (size_t part = width; part < (size_t)nt * len; part += width)
+            fr_fold(job->backward, sums, sums + part * 8, width);
+        if (job->L && job->inner > 1) fr_channel_sums(job->backward, sums, job->C, job->inner);
+        if (!job->backward)
+            memcpy(job->counts, sums, (size_t)job->C * sizeof(int64_t));
+        else if (dt == FR_F64)
+            memcpy(job->param_grad, sums, (size_t)job->C * sizeof(double));
+        else
+            for (ptrdiff_t c = 0; c < job->C; c++)
+                fr_store(dt, job->param_grad, c, ((const double *)sums)[c]);
         free(sums);
     }
     free(rows);

@@ -23,7 +23,8 @@ def expected_counts(x, axis):
 @pytest.mark.parametrize("name", list(FORWARD))
 @pytest.mark.parametrize("shape,axis", [((64, 100), 1), ((64, 100), -1), ((8, 16, 9, 9), 1),
                                         ((8, 9, 9, 16), -1), ((4, 3, 300), 1), ((5, 70000), 0),
-                                        ((3, 200, 700), 1)])
+                                        ((3, 200, 700), 1), ((1, 1000), 1), ((1000, 1), 1),
+                                        ((40, 1000), 1)])
 def test_stats_count_positive_inputs_per_unit(name, shape, axis, dtype):
     fast, ref = FORWARD[name]
     x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
@@ -116,7 +117,8 @@ ACTS = [("relu", None, lambda z: reference.relu(z), lambda g, z: reference.relu_
 
 @pytest.mark.parametrize("activation,param,ref_fwd,ref_bwd", ACTS, ids=[a[0] for a in ACTS])
 @pytest.mark.parametrize("shape,axis", [((32, 100), 1), ((4, 8, 5, 5), 1), ((4, 5, 5, 8), -1),
-                                        ((3, 4, 600), 1), ((2, 70000), 1)])
+                                        ((3, 4, 600), 1), ((2, 70000), 1), ((1, 300), 1),
+                                        ((50000, 1), 1)])
 def test_bias_activation_matches_unfused(activation, param, ref_fwd, ref_bwd, shape, axis,
                                          dtype):
     rng = np.random.default_rng(3)

@@ -27,8 +27,15 @@ def check_prelu(x, w, axis, g=None):
     assert_weight_grad(dw, ref_dw, x.dtype.type)
 
 
-# (shape, axis): NCHW, channels-last, (N, C), short runs, long runs, many channels
+# (shape, axis): NCHW, channels-last, (N, C), short runs, long runs, many channels; one row
+# (the weights are the row as they are), one channel over many rows or runs, and (N, C) data
+# large enough for two threads' partial sums
 LAYOUTS = [
+    ((1, 1000), 1),
+    ((1000, 1), 1),
+    ((6, 1, 50), 1),
+    ((40000, 1), 1),
+    ((40, 1000), 1),
     ((8, 3, 5, 7), 1),
     ((8, 5, 7, 3), -1),
     ((64, 10), 1),
