@@ -540,7 +540,8 @@ static void fr_channel_sums(int backward, char *sums, ptrdiff_t C, ptrdiff_t inn
  * so they are laid out as rows of C * inner columns, with one parameter per column read alongside
  * the data, unless a row's parameters would outgrow the caches (FR_MAX_ROW).  Rows are repeated
  * to at least FR_MIN_ROW columns and a multiple of 16, so that the vector loops over a row rarely
- * end in a scalar tail. */
+ * end in a scalar tail, but no further than the data reaches: a short call would spend more on
+ * the longer row's parameters and sums than on its data. */
 #define FR_MIN_RUN 256
 #define FR_MIN_ROW 256
 #define FR_MAX_ROW ((ptrdiff_t)1 << 20)
