@@ -146,6 +146,15 @@ typedef struct {
     void (*stream_copy)(char *dst, const char *src, size_t nbytes);
 } fr_isa;
 
+/* How many rows of L elements of `size` bytes the rows loops read together: 8, unless the rows'
+ * stride puts their cache lines into fewer than 4 of the 4 KiB-periodic L1 sets (a stride that is
+ * a multiple of 2 KiB, as with power-of-two channel counts): then 8 rows each of x, grad and the
+ * output would compete for one or two sets and evict each other, and 2 rows are read together. */
+static inline int fr_rows_at_once(ptrdiff_t L, size_t size) {
+    const size_t offset = ((size_t)L * size) % 4096;
+    return offset && 4096 / (offset & -offset) >= 4 ? 8 : 2;
+}
+
 /* The same loops for three instruction sets.  The baseline's half conversions are the
  * compiler's _Float16 casts; the SIMD levels convert 16 or 8 lanes at a time.  stream_copy writes
  * with non-temporal stores, which skip reading the destination's cache lines before overwriting

@@ -91,17 +91,16 @@ static FR_INLINE void FR_FN(bwd_row_t)(int op, const FR_T *g, const FR_T *x, FR_
     }
 }
 
-/* FR_ROWS_AT_ONCE whole rows: the column sums are loaded and stored once for them all, not once
- * per row (that traffic, not the arithmetic, is what gathering per-column sums costs). */
-#define FR_ROWS_AT_ONCE 8
-
+/* `rows` whole rows (a constant at each call): the column sums are loaded and stored once for
+ * them all, not once per row (that traffic, not the arithmetic, is what gathering per-column sums
+ * costs). */
 static FR_INLINE void FR_FN(fwd_rows_at_once_t)(int op, const FR_T *x, FR_T *y, ptrdiff_t L,
                                                const FR_T *pw, const FR_T *pb, int64_t *counts,
-                                               int flags) {
+                                               int flags, int rows) {
 #pragma omp simd
     for (ptrdiff_t j = 0; j < L; j++) {
         int64_t c = 0;
-        for (int r = 0; r < FR_ROWS_AT_ONCE; r++) {
+        for (int r = 0; r < rows; r++) {
             FR_T v = x[r * L + j];
             if (flags & FR_BIAS) v = v + pb[j];
             y[r * L + j] = FR_Y(op, v, pw[j], FR_T, FR_EXPM1);
@@ -113,11 +112,11 @@ static FR_INLINE void FR_FN(fwd_rows_at_once_t)(int op, const FR_T *x, FR_T *y, 
 
 static FR_INLINE void FR_FN(bwd_rows_at_once_t)(int op, const FR_T *g, const FR_T *x, FR_T *dx,
                                                ptrdiff_t L, const FR_T *pw, double *sums,
-                                               int sum) {
+                                               int sum, int rows) {
 #pragma omp simd
     for (ptrdiff_t j = 0; j < L; j++) {
         double s = 0.0;
-        for (int r = 0; r < FR_ROWS_AT_ONCE; r++) {
+        for (int r = 0; r < rows; r++) {
             FR_T v = x[r * L + j], gj = g[r * L + j], d = FR_DX(op, v, gj, pw[j], FR_T, FR_EXP);
             dx[r * L + j] = d;
             if (sum == FR_SUM_WEIGHT) s += v > 0 ? 0.0 : (double)v * (double)gj;
@@ -128,7 +127,7 @@ static FR_INLINE void FR_FN(bwd_rows_at_once_t)(int op, const FR_T *g, const FR_
 }
 
 /* n elements that start at column j0 of rows of length L: a first partial row, then (when sums
- * are gathered) FR_ROWS_AT_ONCE whole rows at a time, then row by row. */
+ * are gathered) several whole rows at a time (fr_rows_at_once), then row by row. */
 static FR_INLINE void FR_FN(fwd_rows_t)(int op, const FR_T *x, FR_T *y, ptrdiff_t n, ptrdiff_t L,
                                        ptrdiff_t j0, const FR_T *pw, const FR_T *pb,
                                        int64_t *counts, int flags) {
@@ -138,9 +137,12 @@ static FR_INLINE void FR_FN(fwd_rows_t)(int op, const FR_T *x, FR_T *y, ptrdiff_
         FR_FN(fwd_row_t)(op, x, y, k, pw + j0, pb ? pb + j0 : NULL, counts ? counts + j0 : NULL,
                          flags);
     }
-    if (flags & FR_COUNT)
-        for (; n - k >= FR_ROWS_AT_ONCE * L; k += FR_ROWS_AT_ONCE * L)
-            FR_FN(fwd_rows_at_once_t)(op, x + k, y + k, L, pw, pb, counts, flags);
+    if ((flags & FR_COUNT) && fr_rows_at_once(L, sizeof(FR_T)) == 8)
+        for (; n - k >= 8 * L; k += 8 * L)
+            FR_FN(fwd_rows_at_once_t)(op, x + k, y + k, L, pw, pb, counts, flags, 8);
+    else if (flags & FR_COUNT)
+        for (; n - k >= 2 * L; k += 2 * L)
+            FR_FN(fwd_rows_at_once_t)(op, x + k, y + k, L, pw, pb, counts, flags, 2);
     for (ptrdiff_t len; k < n; k += len) {
         len = L < n - k ? L : n - k;
         FR_FN(fwd_row_t)(op, x + k, y + k, len, pw, pb, counts, flags);
@@ -155,9 +157,12 @@ static FR_INLINE void FR_FN(bwd_rows_t)(int op, const FR_T *g, const FR_T *x, FR
         k = L - j0 < n ? L - j0 : n;
         FR_FN(bwd_row_t)(op, g, x, dx, k, pw + j0, sums ? sums + j0 : NULL, sum);
     }
-    if (sum != FR_SUM_NONE)
-        for (; n - k >= FR_ROWS_AT_ONCE * L; k += FR_ROWS_AT_ONCE * L)
-            FR_FN(bwd_rows_at_once_t)(op, g + k, x + k, dx + k, L, pw, sums, sum);
+    if (sum != FR_SUM_NONE && fr_rows_at_once(L, sizeof(FR_T)) == 8)
+        for (; n - k >= 8 * L; k += 8 * L)
+            FR_FN(bwd_rows_at_once_t)(op, g + k, x + k, dx + k, L, pw, sums, sum, 8);
+    else if (sum != FR_SUM_NONE)
+        for (; n - k >= 2 * L; k += 2 * L)
+            FR_FN(bwd_rows_at_once_t)(op, g + k, x + k, dx + k, L, pw, sums, sum, 2);
     for (ptrdiff_t len; k < n; k += len) {
         len = L < n - k ? L : n - k;
         FR_FN(bwd_row_t)(op, g + k, x + k, dx + k, len, pw, sums, sum);

@@ -24,7 +24,7 @@ def expected_counts(x, axis):
 @pytest.mark.parametrize("shape,axis", [((64, 100), 1), ((64, 100), -1), ((8, 16, 9, 9), 1),
                                         ((8, 9, 9, 16), -1), ((4, 3, 300), 1), ((5, 70000), 0),
                                         ((3, 200, 700), 1), ((1, 1000), 1), ((1000, 1), 1),
-                                        ((40, 1000), 1)])
+                                        ((40, 1000), 1), ((5, 512), 1), ((7, 64, 4, 4), 1)])
 def test_stats_count_positive_inputs_per_unit(name, shape, axis, dtype):
     fast, ref = FORWARD[name]
     x = np.random.default_rng(0).standard_normal(shape).astype(dtype)

@@ -28,9 +28,11 @@ def check_prelu(x, w, axis, g=None):
 
 
 # (shape, axis): NCHW, channels-last, (N, C), short runs, long runs, many channels; one row
-# (the weights are the row as they are), one channel over many rows or runs, and (N, C) data
-# large enough for two threads' partial sums
+# (the weights are the row as they are), one channel over many rows or runs, (N, C) data large
+# enough for two threads' partial sums, and rows of 2 or 4 KiB (read 2 at a time, odd counts)
 LAYOUTS = [
+    ((5, 512), 1),
+    ((7, 64, 4, 4), 1),
     ((1, 1000), 1),
     ((1000, 1), 1),
     ((6, 1, 50), 1),
