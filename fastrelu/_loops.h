@@ -39,15 +39,22 @@
 /* flags (compile-time constants in every instantiation): forward FR_COUNT | FR_BIAS, backward one
  * of FR_SUM_NONE, FR_SUM_WEIGHT, FR_SUM_GRAD (see fr_job in _kernels.h) */
 
+/* Counts are gathered in int32 lanes, as wide as float32's, one block of at most 2^30 elements at
+ * a time, and added up in int64. */
 static FR_INLINE int64_t FR_FN(fwd_flat_t)(int op, const FR_T *x, FR_T *y, ptrdiff_t n, FR_T p,
                                           FR_T b, int flags) {
     int64_t npos = 0;
-#pragma omp simd reduction(+ : npos)
-    for (ptrdiff_t i = 0; i < n; i++) {
-        FR_T v = x[i];
-        if (flags & FR_BIAS) v = v + b;
-        y[i] = FR_Y(op, v, p, FR_T, FR_EXPM1);
-        if (flags & FR_COUNT) npos += v > 0;
+    for (ptrdiff_t start = 0, end; start < n; start = end) {
+        end = n - start > ((ptrdiff_t)1 << 30) ? start + ((ptrdiff_t)1 << 30) : n;
+        int32_t block = 0;
+#pragma omp simd reduction(+ : block)
+        for (ptrdiff_t i = start; i < end; i++) {
+            FR_T v = x[i];
+            if (flags & FR_BIAS) v = v + b;
+            y[i] = FR_Y(op, v, p, FR_T, FR_EXPM1);
+            if (flags & FR_COUNT) block += v > 0;
+        }
+        npos += block;
     }
     return npos;
 }
