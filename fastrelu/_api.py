@@ -323,7 +323,10 @@ def _real(name, value):
         value = value[()]
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, not {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite, got an integer beyond the float range") from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
@@ -549,6 +552,8 @@ def elu_backward(grad, x, alpha=1.0, *, out=None, from_output=False, stream=None
     it needs alpha >= 0, for which y <= 0 exactly when x <= 0)."""
     if not (type(alpha) is float and _MIN_FLOAT <= alpha <= _MAX_FLOAT):
         alpha = _real("alpha", alpha)
+    if type(from_output) is not bool:
+        raise TypeError(f"from_output must be True or False, not {type(from_output).__name__}")
     if not from_output:
         return _backward(ELU, grad, x, out, alpha, stream=stream)
     if alpha < 0:

@@ -127,7 +127,7 @@ def test_interleaved_views_do_not_overlap():
     np.testing.assert_array_equal(buf[1::2], np.maximum(buf[0::2], 0))
 
 
-@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, 10**400])
 def test_non_finite_parameters(value):
     raises(ValueError, "negative_slope must be finite", lambda: fastrelu.leaky_relu(X, value), X)
     raises(ValueError, "negative_slope must be finite",

@@ -79,6 +79,8 @@ def test_bad_stats_arguments():
         fastrelu.relu(x, stats=True, axis=2)
     with pytest.raises(TypeError, match="stats must be True or False"):
         fastrelu.relu(x, stats="yes")
+    with pytest.raises(TypeError, match="from_output must be True or False"):
+        fastrelu.elu_backward(x, x, from_output="yes")
 
 
 def test_tracker_accumulates_an_epoch():
