@@ -9,6 +9,9 @@ import numpy as np
 from . import _cpu
 
 
+_MAX_THREADS = 2**31 - 1  # OpenMP counts threads in a C int
+
+
 def get_num_threads():
     """Threads a large CPU kernel uses: set_num_threads() or FASTRELU_NUM_THREADS if given, else
     OpenMP's limit (OMP_NUM_THREADS); a later threadpoolctl limit on OpenMP overrides both."""
@@ -19,11 +22,13 @@ def set_num_threads(n):
     """Sets the threads that large CPU kernels use (arrays below 32K elements run on the calling
     thread)."""
     try:
+        if isinstance(n, (bool, np.bool_)):
+            raise TypeError
         n = operator.index(n)
     except TypeError:
         raise TypeError(f"n must be an integer, not {type(n).__name__}") from None
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
+    if not 1 <= n <= _MAX_THREADS:
+        raise ValueError(f"n must be between 1 and {_MAX_THREADS}, got {n}")
     _cpu.set_num_threads(n)
 
 

@@ -200,10 +200,14 @@ def test_out_must_be_keyword():
 
 
 def test_simd_and_thread_settings_are_validated():
-    with pytest.raises(ValueError, match="at least 1"):
-        fastrelu.set_num_threads(0)
-    with pytest.raises(TypeError, match="integer"):
-        fastrelu.set_num_threads(2.5)
+    before = fastrelu.get_num_threads()
+    for bad in (0, -1, 10**30):
+        with pytest.raises(ValueError, match="n must be between 1 and"):
+            fastrelu.set_num_threads(bad)
+    for bad in (2.5, True, "2", None):
+        with pytest.raises(TypeError, match="n must be an integer"):
+            fastrelu.set_num_threads(bad)
+    assert fastrelu.get_num_threads() == before
 
 
 def test_masked_arrays_are_refused_not_unmasked():
