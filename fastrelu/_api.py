@@ -372,6 +372,10 @@ def _prelu_weight(weight, shape, axis):
 def _forward(op, x, out, p, weight=None, axis=1, stats=False, stream=None, bias=None):
     """op(x (+ bias)), with PReLU's `weight` or the `bias` along `axis`; with `stats`, also the
     positive counts per unit along `axis` (one unit when x has fewer than 2 dims)."""
+    if weight is None and not stats and stream is None and bias is None:
+        y = _cpu.plain_forward(op, x, out, p)  # the commonest call, in one step
+        if y is not None:
+            return y
     if stream is None and bias is None and _cpu.is_plain_call(x, out):
         # the common calls: NumPy arrays that need no conversion and cannot fail
         if not stats:
@@ -421,6 +425,10 @@ def _backward(op, grad, x, out, p, weight=None, axis=None, param_out=None, strea
               bias_grad=False, x_name="x"):
     """dx, and with PReLU's `weight` its gradient, or with `bias_grad` the gradient of a bias
     along `axis` (x is then the output y, named `x_name`): (dx, grad_param)."""
+    if weight is None and not bias_grad and stream is None:
+        dx = _cpu.plain_backward(op, grad, x, out, p)  # the commonest call, in one step
+        if dx is not None:
+            return dx
     if stream is None and _cpu.is_plain_call(x, out, grad):
         # the common calls: NumPy arrays that need no conversion and cannot fail
         if weight is None and not bias_grad:

@@ -127,6 +127,32 @@ def is_plain_call(x, out, grad=None):
     """True for the common call that needs no conversion and cannot fail: NumPy float arrays of
     one dtype and shape, and an `out` that is writable and either x (or grad) itself or disjoint
     from them.  Anything else goes through the full checks, which also word the errors."""
+    return _is_plain_call(x, out, grad)
+
+
+def plain_forward(int op, x, out, double p):
+    """op(x) (p: its parameter) for a plain call of C-contiguous arrays, in one step from Python;
+    None for any other call, which goes through the full checks."""
+    if not (_is_plain_call(x, out, None) and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>x)
+            and (out is None or cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>out))):
+        return None
+    cdef cnp.ndarray y = _target(x, out)
+    _run(op, False, None, x, y, p, None, None, None, None)
+    return y
+
+
+def plain_backward(int op, grad, x, out, double p):
+    """The gradient of op for a plain call of C-contiguous arrays, or None (see plain_forward)."""
+    if not (_is_plain_call(x, out, grad) and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>x)
+            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>grad)
+            and (out is None or cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>out))):
+        return None
+    cdef cnp.ndarray dx = _target(x, out)
+    _run(op, True, grad, x, dx, p, None, None, None, None)
+    return dx
+
+
+cdef bint _is_plain_call(x, out, grad):
     if not _plain_float(x, -1, 0, NULL):
         return False
     cdef cnp.ndarray xa = <cnp.ndarray>x
@@ -137,9 +163,9 @@ def is_plain_call(x, out, grad=None):
         return True
     if not _plain_float(out, t, nd, cnp.PyArray_DIMS(xa)) or not cnp.PyArray_ISWRITEABLE(out):
         return False
-    if out is not x and memory_overlap(out, x) != 0:
+    if out is not x and _memory_overlap(out, x) != 0:
         return False
-    return grad is None or out is grad or memory_overlap(out, grad) == 0
+    return grad is None or out is grad or _memory_overlap(out, grad) == 0
 
 
 def plain_prelu_axis(x, weight, axis, weight_out=None, out=None, grad=None):
@@ -173,6 +199,10 @@ def plain_prelu_axis(x, weight, axis, weight_out=None, out=None, grad=None):
 def memory_overlap(cnp.ndarray a, cnp.ndarray b):
     """0: a and b share no memory; 1: they are the same elements in the same order (in place);
     2: they overlap otherwise."""
+    return _memory_overlap(a, b)
+
+
+cdef int _memory_overlap(cnp.ndarray a, cnp.ndarray b) except -1:
     cdef Py_ssize_t lo_a, hi_a, lo_b, hi_b
     cdef int d
     if cnp.PyArray_SIZE(a) == 0 or cnp.PyArray_SIZE(b) == 0:
