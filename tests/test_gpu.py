@@ -385,3 +385,22 @@ def test_arrays_on_a_second_gpu():
     check("relu", y, reference.relu(x))
     with pytest.raises(ValueError, match="out is on CUDA device 0 but x is on device 1"):
         fastrelu.relu(t1, out=torch.empty(1000, device="cuda:0"))
+
+
+def test_stream_handles_of_every_kind_of_stream():
+    from fastrelu import _gpu
+
+    class Protocol:  # the CUDA stream protocol (cuda.core, recent CuPy and numba)
+        def __cuda_stream__(self):
+            return (0, 1234)
+
+    class TorchLike:
+        cuda_stream = 5678
+
+    class CupyLike:
+        ptr = 91011
+
+    assert _gpu._stream_handle(Protocol()) == 1234
+    assert _gpu._stream_handle(TorchLike()) == 5678
+    assert _gpu._stream_handle(CupyLike()) == 91011
+    assert _gpu._stream_handle(42) == 42
