@@ -409,10 +409,11 @@ def _gpu_count():
 @contextlib.contextmanager
 def _launching(a, stream):
     """One call's scope; yields the stream to launch on.  On machines with several GPUs, the GPU
-    holding `a` is made current (numba launches on its current one); a given `stream` is made the
-    current stream of a's library."""
+    holding `a` is made numba's (and CuPy's) current one, where they launch and allocate; a given
+    `stream` is made the current stream of a's library."""
     index = device_index(a) if _gpu_count() > 1 else None
-    with cuda.gpus[index] if index is not None else contextlib.nullcontext():
+    with cuda.gpus[index] if index is not None else contextlib.nullcontext(), \
+            a.device if index is not None and _kind(a) == "cupy" else contextlib.nullcontext():
         s = launch_stream(a, stream)
         with _library_stream(a, s) if stream is not None else contextlib.nullcontext():
             yield s
