@@ -157,6 +157,9 @@ def _is_device(a):
     return hasattr(a, "__cuda_array_interface__")
 
 
+LIBRARIES = ("torch", "cupy")  # array libraries with their own allocator, copies and streams
+
+
 def array_library(a):
     """Which library made a CUDA array: "torch", "cupy", "numba", or "cai" for any other
     __cuda_array_interface__ producer (whose results are numba arrays)."""
@@ -240,10 +243,10 @@ def _check_device_arrays(named_views):
                              f"device {located[0][1]}; move them to one device")
     orders = [v.orders() for _, v in views]
     for (name, v), (c, f) in zip(views, orders):
-        if v.library not in ("torch", "cupy") and not (c or f):
+        if v.library not in LIBRARIES and not (c or f):
             raise TypeError(f"{name} is a strided {v.library} device array: make it contiguous "
                             "first (CuPy arrays and PyTorch tensors of any layout are accepted)")
-    if any(v.library not in ("torch", "cupy") for _, v in views) and \
+    if any(v.library not in LIBRARIES for _, v in views) and \
             not (all(c for c, _ in orders) or all(f for _, f in orders)):
         names = " and ".join(n for n, _ in views)
         raise TypeError(f"{names} mix C and Fortran memory orders, which numba device arrays "

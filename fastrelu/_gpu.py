@@ -24,7 +24,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ._api import array_library as _kind, device_index
+from ._api import LIBRARIES, array_library as _kind, device_index
 
 RELU, LEAKY, ELU, COPY, ELU_FROM_Y = 0, 1, 2, 3, 4  # the CPU kernels' op codes
 SUM_NONE, SUM_WEIGHT, SUM_GRAD = 0, 1, 2
@@ -215,9 +215,6 @@ def _device_id():
 
 
 # ---- arrays, streams, devices -------------------------------------------------------------------
-
-LIBRARIES = ("torch", "cupy")  # array libraries with their own allocator, copies and streams
-
 
 def _as_numba(a):
     """A numba device array over the same memory (no copy, no synchronization)."""
