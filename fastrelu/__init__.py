@@ -4,6 +4,13 @@ Forward ops return the activation; backward ops return the gradient with respect
 (and, for PReLU, the weight).  Every op takes ``out=`` and works in place; NumPy arrays run on the
 CPU kernels.  The exact semantics (NaN, signed zeros, infinities) match PyTorch.
 """
+try:
+    from . import _cpu
+except ImportError as _exc:
+    from ._missing import explain as _explain
+
+    raise ImportError(_explain(__file__, _exc)) from _exc
+
 from ._api import (
     bias_activation,
     bias_activation_backward,

@@ -8,15 +8,14 @@ import operator
 import numpy as np
 
 from . import _cpu
+from ._cpu import ELU, ELU_FROM_Y, LEAKY, RELU, SUM_GRAD, SUM_WEIGHT
+from ._cuda_arrays import DeviceView, check_device_arrays, is_device
 from .monitor import ActivationStats
 
 try:
     from numpy.exceptions import AxisError
 except ImportError:  # NumPy < 1.25
     from numpy import AxisError
-
-# the kernels' op codes (_kernels.h); PReLU is LEAKY with per-channel slopes
-RELU, LEAKY, ELU, ELU_FROM_Y = 0, 1, 2, 4
 
 _FLOAT_DTYPES = {c: np.dtype(c) for c in "efd"}  # float16, float32, float64 by type character
 _PYTHON_VALUES = (list, tuple, int, float)
@@ -96,15 +95,15 @@ def _host_arrays(named):
 
 def _check_out(name, out, shape, dtype, inputs):
     """`out` must be a writable array of the inputs' kind (NumPy, or CUDA when the inputs are
-    _DeviceViews), of the result's shape and dtype, that is either one of the inputs itself (in
-    place) or shares no memory with any of them.  Returns out, or its _DeviceView."""
-    device = any(isinstance(arr, _DeviceView) for _, arr in inputs)
+    DeviceViews), of the result's shape and dtype, that is either one of the inputs itself (in
+    place) or shares no memory with any of them.  Returns out, or its DeviceView."""
+    device = any(isinstance(arr, DeviceView) for _, arr in inputs)
     if device:
-        if not _is_device(out):
+        if not is_device(out):
             raise TypeError(f"{name} must be a CUDA array like the inputs, "
                             f"not {type(out).__name__}")
-        view = _DeviceView(name, out)
-        _check_device_arrays(inputs + [(name, view)])
+        view = DeviceView(name, out)
+        check_device_arrays(inputs + [(name, view)])
         readonly = view.readonly
     else:
         if not isinstance(out, np.ndarray):
@@ -131,134 +130,15 @@ def _memory_overlap(a, b):
     compared by address range, so interleaved views count as overlapping."""
     if a is b:
         return 1
-    if isinstance(a, _DeviceView):
-        return 0 if not isinstance(b, _DeviceView) or not a.overlaps(b) \
+    if isinstance(a, DeviceView):
+        return 0 if not isinstance(b, DeviceView) or not a.overlaps(b) \
             else 1 if a.same_memory(b) else 2
     return _cpu.memory_overlap(a, b) if isinstance(b, np.ndarray) else 0
 
 
 def _raw(a):
     """The array a validated argument stands for."""
-    return a.obj if isinstance(a, _DeviceView) else a
-
-
-# ---- CUDA arrays ---------------------------------------------------------------------------------
-
-def _is_device(a):
-    """A CUDA array: anything exporting __cuda_array_interface__ (CuPy, PyTorch CUDA tensors,
-    numba), or a numba device array of the CUDA simulator (which exports none)."""
-    if isinstance(a, (np.ndarray, *_PYTHON_VALUES)) or a is None:
-        return False
-    module = type(a).__module__
-    if module.startswith("torch"):
-        return bool(getattr(a, "is_cuda", False))
-    if module.startswith("numba") and hasattr(a, "copy_to_host"):
-        return True
-    return hasattr(a, "__cuda_array_interface__")
-
-
-LIBRARIES = ("torch", "cupy")  # array libraries with their own allocator, copies and streams
-
-
-def array_library(a):
-    """Which library made a CUDA array: "torch", "cupy", "numba", or "cai" for any other
-    __cuda_array_interface__ producer (whose results are numba arrays)."""
-    module = type(a).__module__
-    for library in ("torch", "cupy", "numba"):
-        if module.startswith(library):
-            return library
-    return "cai"
-
-
-def device_index(a):
-    """The GPU a PyTorch or CuPy array lives on; None for others (numba's current GPU)."""
-    library = array_library(a)
-    if library == "torch":
-        return a.device.index
-    if library == "cupy":
-        return a.device.id
-    return None
-
-
-class _DeviceView:
-    """What validation needs of a CUDA array: shape, dtype, byte strides, address, writability."""
-
-    __slots__ = ("obj", "library", "device", "shape", "dtype", "strides", "ptr", "readonly")
-
-    @property
-    def ndim(self):
-        return len(self.shape)
-
-    def __init__(self, name, obj):
-        self.obj, self.library = obj, array_library(obj)
-        if self.library == "torch" and obj.requires_grad:
-            raise TypeError(f"{name} requires grad and exports no CUDA array interface: "
-                            f"pass {name}.detach()")
-        interface = getattr(obj, "__cuda_array_interface__", None)
-        if interface is not None:
-            self.shape = tuple(interface["shape"])
-            self.dtype = np.dtype(interface["typestr"])
-            self.ptr, self.readonly = interface["data"]
-            strides = interface.get("strides")
-            self.strides = tuple(strides) if strides is not None else \
-                _c_strides(self.shape, self.dtype.itemsize)
-        else:  # the simulator's arrays wrap a NumPy array
-            host = obj._ary
-            self.shape, self.dtype, self.strides = host.shape, host.dtype, host.strides
-            self.ptr, self.readonly = host.ctypes.data, not host.flags.writeable
-        self.device = device_index(obj)
-
-    def extent(self):
-        lo = hi = self.ptr
-        for n, s in zip(self.shape, self.strides):
-            lo, hi = (lo + s * (n - 1), hi) if s < 0 else (lo, hi + s * (n - 1))
-        return lo, hi + self.dtype.itemsize
-
-    def same_memory(self, other):
-        return (self.ptr, self.shape, self.strides) == (other.ptr, other.shape, other.strides)
-
-    def overlaps(self, other):
-        if not math.prod(self.shape) or not math.prod(other.shape):
-            return False
-        (a0, a1), (b0, b1) = self.extent(), other.extent()
-        return a0 < b1 and b0 < a1
-
-    def orders(self):
-        """(C-contiguous, F-contiguous)."""
-        c = _c_strides(self.shape, self.dtype.itemsize)
-        f = tuple(reversed(_c_strides(tuple(reversed(self.shape)), self.dtype.itemsize)))
-        return (all(s == cs or n <= 1 for n, s, cs in zip(self.shape, self.strides, c)),
-                all(s == fs or n <= 1 for n, s, fs in zip(self.shape, self.strides, f)))
-
-
-def _check_device_arrays(named_views):
-    """CUDA arrays of one call must be on one GPU; numba's (and other producers') arrays must be
-    contiguous, and in one memory order with the call's other arrays: the GPU backend copies CuPy
-    and PyTorch arrays of other layouts with their own library, but has no copy for those."""
-    views = [(n, v) for n, v in named_views if isinstance(v, _DeviceView)]
-    located = [(n, v.device) for n, v in views if v.device is not None]
-    for name, device in located[1:]:
-        if device != located[0][1]:
-            raise ValueError(f"{name} is on CUDA device {device} but {located[0][0]} is on "
-                             f"device {located[0][1]}; move them to one device")
-    orders = [v.orders() for _, v in views]
-    for (name, v), (c, f) in zip(views, orders):
-        if v.library not in LIBRARIES and not (c or f):
-            raise TypeError(f"{name} is a strided {v.library} device array: make it contiguous "
-                            "first (CuPy arrays and PyTorch tensors of any layout are accepted)")
-    if any(v.library not in LIBRARIES for _, v in views) and \
-            not (all(c for c, _ in orders) or all(f for _, f in orders)):
-        names = " and ".join(n for n, _ in views)
-        raise TypeError(f"{names} mix C and Fortran memory orders, which numba device arrays "
-                        "cannot be copied between: give them one order")
-
-
-def _c_strides(shape, itemsize):
-    strides, step = [], itemsize
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))
+    return a.obj if isinstance(a, DeviceView) else a
 
 
 def _gpu():
@@ -272,7 +152,7 @@ def _gpu():
 
 
 def _validated(named, device):
-    """Host or device array arguments, validated: (arrays or _DeviceViews, dtype)."""
+    """Host or device array arguments, validated: (arrays or DeviceViews, dtype)."""
     return _device_arrays(named) if device else _host_arrays(named)
 
 
@@ -285,11 +165,11 @@ def _device_arrays(named):
         if isinstance(value, _PYTHON_VALUES):
             views.append(None)
             continue
-        if not _is_device(value):
+        if not is_device(value):
             raise TypeError(
                 f"{name} is a host array ({type(value).__name__}) but the call has CUDA arrays: "
                 "mixing host and device arrays is not supported; move them to one side")
-        view = _DeviceView(name, value)
+        view = DeviceView(name, value)
         dt = _array_dtype(name, view)
         if dtype is None:
             dtype, first = dt, name
@@ -298,7 +178,7 @@ def _device_arrays(named):
         views.append(view)
     if dtype is None:
         raise TypeError("no CUDA array among the arguments")
-    _check_device_arrays([(name, v) for (name, _), v in zip(named, views)])
+    check_device_arrays([(name, v) for (name, _), v in zip(named, views)])
     for i, (name, value) in enumerate(named):
         if views[i] is None:
             views[i] = _from_python(name, value, dtype)
@@ -335,16 +215,53 @@ def _real(name, value):
     return value
 
 
-def _axis(name, axis, ndim):
+def _param(name, value):
+    """An op's scalar parameter (negative_slope, alpha) as a finite float: a finite Python float
+    passes at once, anything else through _real."""
+    if type(value) is float and _MIN_FLOAT <= value <= _MAX_FLOAT:
+        return value
+    return _real(name, value)
+
+
+def _flag(name, value):
+    """A Python bool from a Python or NumPy bool, or the integer 0 or 1."""
+    if value is True or value is False:
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
     try:
-        if isinstance(axis, (bool, np.bool_)):
-            raise TypeError
-        axis = operator.index(axis)
+        number = operator.index(value)
     except TypeError:
-        raise TypeError(f"{name} must be an integer, not {type(axis).__name__}") from None
+        raise TypeError(f"{name} must be True or False, not {type(value).__name__}") from None
+    if number not in (0, 1):
+        raise ValueError(f"{name} must be True or False (or 0 or 1), got {number}")
+    return bool(number)
+
+
+def _integer(name, value):
+    """A Python int from a Python or NumPy integer (not a bool)."""
+    if type(value) is int:
+        return value
+    try:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
+
+
+def _axis(name, axis, ndim):
+    """An integer axis of an array of `ndim` dims, in [0, ndim)."""
+    axis = _integer(name, axis)
     if not -ndim <= axis < ndim:
         raise AxisError(f"{name} {axis} is out of bounds for an array of dimension {ndim}")
     return axis % ndim
+
+
+def _required(name, value):
+    if value is None:
+        raise TypeError(f"{name} must be an array or a real number, not None")
+    return value
 
 
 def _prelu_weight(weight, shape, axis):
@@ -374,31 +291,34 @@ def _prelu_weight(weight, shape, axis):
 
 def _forward(op, x, out, p, weight=None, axis=1, stats=False, stream=None, bias=None):
     """op(x (+ bias)), with PReLU's `weight` or the `bias` along `axis`; with `stats`, also the
-    positive counts per unit along `axis` (one unit when x has fewer than 2 dims)."""
-    if weight is None and not stats and stream is None and bias is None:
-        y = _cpu.plain_forward(op, x, out, p)  # the commonest call, in one step
-        if y is not None:
-            return y
-    if stream is None and bias is None and _cpu.is_plain_call(x, out):
-        # the common calls: NumPy arrays that need no conversion and cannot fail
-        if not stats:
-            if weight is None:
-                return _cpu.forward(op, x, out, p, None, None, False)[0]
-            plain_axis = _cpu.plain_prelu_axis(x, weight, axis)
-            if plain_axis is not None:
-                return _cpu.forward(op, x, out, p, weight, None if plain_axis < 0 else plain_axis,
-                                    False)[0]
-        elif (stats is True and weight is None and type(axis) is int and x.ndim >= 2
-              and -x.ndim <= axis < x.ndim):
-            y, counts = _cpu.forward(op, x, out, p, None, axis % x.ndim, True)
-            return y, _activation_stats(counts, x.shape, axis % x.ndim)
-    device = any(_is_device(v) for v in (x, weight, bias, out))
+    positive counts per unit along `axis` (one unit when x has fewer than 2 dims).  `axis` is
+    checked to be an integer on every call, and against x's dims where it is used."""
+    if stats is not False:
+        stats = _flag("stats", stats)
+    axis = _integer("axis", axis)
+    if stream is None and bias is None:
+        if weight is None and not stats:
+            y = _cpu.plain_forward(op, x, out, p)  # the commonest call, in one step
+            if y is not None:
+                return y
+        if _cpu.is_plain_call(x, out):
+            # NumPy arrays that need no conversion: only the shapes are left to check
+            if weight is None and not stats:
+                return _cpu.forward(op, x, out, p, weight=None, axis=None, want_counts=False)[0]
+            if weight is None and x.ndim >= 2:
+                unit_axis = _axis("axis", axis, x.ndim)
+                y, counts = _cpu.forward(op, x, out, p, weight=None, axis=unit_axis,
+                                         want_counts=True)
+                return y, _activation_stats(counts, x.shape, unit_axis)
+            if weight is not None and not stats and _cpu.is_plain_param(weight, x, out):
+                weight_axis = _prelu_weight(weight, x.shape, axis)
+                return _cpu.forward(op, x, out, p, weight=weight, axis=weight_axis,
+                                    want_counts=False)[0]
+    device = any(is_device(v) for v in (x, weight, bias, out))
     _check_stream(stream, device)
     named = [("x", x)] + [(n, v) for n, v in (("weight", weight), ("bias", bias)) if v is not None]
     arrays, dtype = _validated(named, device)
     x, params = arrays[0], dict(zip([n for n, _ in named[1:]], arrays[1:]))
-    if type(stats) is not bool:
-        raise TypeError(f"stats must be True or False, not {type(stats).__name__}")
     weight, bias = params.get("weight"), params.get("bias")
     weight_axis = None if weight is None else _prelu_weight(weight, x.shape, axis)
     if bias is not None:
@@ -412,10 +332,12 @@ def _forward(op, x, out, p, weight=None, axis=1, stats=False, stream=None, bias=
     if weight is not None and weight_axis is None and layout_axis is not None and not device:
         p, weight = float(weight.reshape(())), None  # one shared weight, statistics per unit
     if device:
-        y, counts = _gpu().forward(op, x.obj, out, p, _raw(weight), layout_axis, stats,
-                                   _raw(bias), dtype, stream)
+        y, counts = _gpu().forward(op, x.obj, out, p, weight=_raw(weight), axis=layout_axis,
+                                   want_counts=stats, bias=_raw(bias), dtype=dtype,
+                                   stream=stream)
     else:
-        y, counts = _cpu.forward(op, x, out, p, weight, layout_axis, stats, bias)
+        y, counts = _cpu.forward(op, x, out, p, weight=weight, axis=layout_axis,
+                                 want_counts=stats, bias=bias)
     return (y, _activation_stats(counts, x.shape, layout_axis)) if stats else y
 
 
@@ -424,27 +346,27 @@ def _activation_stats(counts, shape, axis):
     return ActivationStats(counts, per_unit)
 
 
-def _backward(op, grad, x, out, p, weight=None, axis=None, param_out=None, stream=None,
+def _backward(op, grad, x, out, p, weight=None, axis=1, param_out=None, stream=None,
               bias_grad=False, x_name="x"):
     """dx, and with PReLU's `weight` its gradient, or with `bias_grad` the gradient of a bias
     along `axis` (x is then the output y, named `x_name`): (dx, grad_param)."""
+    axis = _integer("axis", axis)
     if weight is None and not bias_grad and stream is None:
         dx = _cpu.plain_backward(op, grad, x, out, p)  # the commonest call, in one step
         if dx is not None:
             return dx
-    if stream is None and _cpu.is_plain_call(x, out, grad):
-        # the common calls: NumPy arrays that need no conversion and cannot fail
-        if weight is None and not bias_grad:
-            return _cpu.backward(op, grad, x, out, p, None, None)
-        if weight is not None:
-            plain_axis = _cpu.plain_prelu_axis(x, weight, axis, param_out, out, grad)
-            if plain_axis is not None:
-                grad_weight = np.empty(weight.shape, x.dtype) if param_out is None else param_out
-                dx = _cpu.backward(op, grad, x, out, p, weight,
-                                   None if plain_axis < 0 else plain_axis, grad_weight)
-                return dx, grad_weight
+    if stream is None and not bias_grad and _cpu.is_plain_call(x, out, grad, backward=True):
+        # NumPy arrays that need no conversion: only the shapes are left to check
+        if weight is None:
+            return _cpu.backward(op, grad, x, out, p, weight=None, axis=None)
+        if _cpu.is_plain_param(weight, x, out, param_out, grad):
+            weight_axis = _prelu_weight(weight, x.shape, axis)
+            grad_weight = np.empty(weight.shape, x.dtype) if param_out is None else param_out
+            dx = _cpu.backward(op, grad, x, out, p, weight=weight, axis=weight_axis,
+                               param_grad=grad_weight, sum=SUM_WEIGHT)
+            return dx, grad_weight
     named = [("grad", grad), (x_name, x)] + ([] if weight is None else [("weight", weight)])
-    device = any(_is_device(v) for v in (grad, x, weight, out, param_out))
+    device = any(is_device(v) for v in (grad, x, weight, out, param_out))
     _check_stream(stream, device)
     arrays, dtype = _validated(named, device)
     grad, x = arrays[:2]
@@ -461,23 +383,29 @@ def _backward(op, grad, x, out, p, weight=None, axis=None, param_out=None, strea
         axis = _axis("axis", axis, x.ndim)
         param_shape = (x.shape[axis],)
     if out is not None:
-        out_view = _check_out("out" if param_out is None and not bias_grad else "out[0]", out,
+        out_view = _check_out("out" if weight is None and not bias_grad else "out[0]", out,
                               x.shape, dtype, inputs)
     if weight is None and not bias_grad:
         if device:
-            return _gpu().backward(op, grad.obj, x.obj, out, p, None, None, None, None, 0, dtype,
-                                   stream)[0]
-        return _cpu.backward(op, grad, x, out, p, None, None)
+            return _gpu().backward(op, grad.obj, x.obj, out, p, weight=None, axis=None,
+                                   param_out=None, param_shape=None, sum_kind=0, dtype=dtype,
+                                   stream=stream)[0]
+        return _cpu.backward(op, grad, x, out, p, weight=None, axis=None)
+    param_aliases_input = False
     if param_out is not None:
         param_view = _check_out("out[1]", param_out, param_shape, dtype, inputs)
         if out is not None and _memory_overlap(out_view, param_view):
             raise ValueError("out[0] and out[1] overlap")
-    sum_kind = _cpu.SUM_GRAD if bias_grad else _cpu.SUM_WEIGHT
+        param_aliases_input = any(_memory_overlap(param_view, arr) for _, arr in inputs)
+    sum_kind = SUM_GRAD if bias_grad else SUM_WEIGHT
     if device:
-        return _gpu().backward(op, grad.obj, x.obj, out, p, _raw(weight), axis, param_out,
-                               param_shape, sum_kind, dtype, stream)
+        return _gpu().backward(op, grad.obj, x.obj, out, p, weight=_raw(weight), axis=axis,
+                               param_out=param_out, param_shape=param_shape, sum_kind=sum_kind,
+                               dtype=dtype, stream=stream,
+                               param_out_aliases_input=param_aliases_input)
     grad_param = np.empty(param_shape, dtype) if param_out is None else param_out
-    dx = _cpu.backward(op, grad, x, out, p, weight, axis, grad_param, sum_kind)
+    dx = _cpu.backward(op, grad, x, out, p, weight=weight, axis=axis, param_grad=grad_param,
+                       sum=sum_kind)
     return dx, grad_param
 
 
@@ -490,18 +418,13 @@ def relu(x, *, out=None, stats=False, axis=1, stream=None):
 
     With ``stats=True`` returns ``(y, ActivationStats)``: the count of positive inputs per unit
     along `axis` (one unit for inputs with fewer than 2 dims), from the same pass."""
-    if stats or stream is not None:
-        return _forward(RELU, x, out, 0.0, None, axis, stats, stream)
-    return _forward(RELU, x, out, 0.0)
+    return _forward(RELU, x, out, 0.0, None, axis, stats, stream)
 
 
 def leaky_relu(x, negative_slope=0.01, *, out=None, stats=False, axis=1, stream=None):
     """Leaky ReLU: ``x > 0 ? x : x * negative_slope`` elementwise.  `stats`, `axis`: see relu."""
-    if not (type(negative_slope) is float and _MIN_FLOAT <= negative_slope <= _MAX_FLOAT):
-        negative_slope = _real("negative_slope", negative_slope)
-    if stats or stream is not None:
-        return _forward(LEAKY, x, out, negative_slope, None, axis, stats, stream)
-    return _forward(LEAKY, x, out, negative_slope)
+    return _forward(LEAKY, x, out, _param("negative_slope", negative_slope), None, axis, stats,
+                    stream)
 
 
 def prelu(x, weight, axis=1, *, out=None, stats=False, stream=None):
@@ -510,16 +433,12 @@ def prelu(x, weight, axis=1, *, out=None, stats=False, stream=None):
     `weight` has shape (C,) with C == x.shape[axis], or one element (shape () or (1,)) shared by
     every channel.  Inputs with fewer than 2 dims have one channel.  `stats`: see relu; the units
     are the channels along `axis`."""
-    return _forward(LEAKY, x, out, 0.0, weight, axis, stats, stream)
+    return _forward(LEAKY, x, out, 0.0, _required("weight", weight), axis, stats, stream)
 
 
 def elu(x, alpha=1.0, *, out=None, stats=False, axis=1, stream=None):
     """ELU: ``x <= 0 ? alpha * expm1(x) : x`` elementwise.  `stats`, `axis`: see relu."""
-    if not (type(alpha) is float and _MIN_FLOAT <= alpha <= _MAX_FLOAT):
-        alpha = _real("alpha", alpha)
-    if stats or stream is not None:
-        return _forward(ELU, x, out, alpha, None, axis, stats, stream)
-    return _forward(ELU, x, out, alpha)
+    return _forward(ELU, x, out, _param("alpha", alpha), None, axis, stats, stream)
 
 
 def relu_backward(grad, x, *, out=None, stream=None):
@@ -530,9 +449,8 @@ def relu_backward(grad, x, *, out=None, stream=None):
 def leaky_relu_backward(grad, x, negative_slope=0.01, *, out=None, stream=None):
     """Gradient of leaky_relu w.r.t. x: ``x > 0 ? grad : grad * negative_slope``.  With
     negative_slope >= 0, `x` may be leaky_relu's output instead."""
-    if not (type(negative_slope) is float and _MIN_FLOAT <= negative_slope <= _MAX_FLOAT):
-        negative_slope = _real("negative_slope", negative_slope)
-    return _backward(LEAKY, grad, x, out, negative_slope, stream=stream)
+    return _backward(LEAKY, grad, x, out, _param("negative_slope", negative_slope),
+                     stream=stream)
 
 
 def _out_pair(out):
@@ -552,7 +470,7 @@ def prelu_backward(grad, x, weight, axis=1, *, out=None, stream=None):
     ``(grad_input_out, grad_weight_out)``; either may be None.  With weights >= 0, `x` may be
     prelu's output instead for the input gradient (the weight gradient needs x)."""
     out0, out1 = _out_pair(out)
-    return _backward(LEAKY, grad, x, out0, 0.0, weight, axis, out1, stream)
+    return _backward(LEAKY, grad, x, out0, 0.0, _required("weight", weight), axis, out1, stream)
 
 
 def elu_backward(grad, x, alpha=1.0, *, out=None, from_output=False, stream=None):
@@ -561,11 +479,8 @@ def elu_backward(grad, x, alpha=1.0, *, out=None, from_output=False, stream=None
     With ``from_output=True``, `x` is elu's output y instead, and the gradient is
     ``y <= 0 ? grad * (y + alpha) : grad`` (PyTorch's form; equal up to the rounding of y, and
     it needs alpha >= 0, for which y <= 0 exactly when x <= 0)."""
-    if not (type(alpha) is float and _MIN_FLOAT <= alpha <= _MAX_FLOAT):
-        alpha = _real("alpha", alpha)
-    if type(from_output) is not bool:
-        raise TypeError(f"from_output must be True or False, not {type(from_output).__name__}")
-    if not from_output:
+    alpha = _param("alpha", alpha)
+    if not _flag("from_output", from_output):
         return _backward(ELU, grad, x, out, alpha, stream=stream)
     if alpha < 0:
         raise ValueError(f"from_output needs alpha >= 0, got {alpha}")
@@ -588,6 +503,9 @@ _ACTIVATIONS = {
 
 
 def _activation(activation, param):
+    if not isinstance(activation, str):
+        raise TypeError(f"activation must be a string, one of {', '.join(_ACTIVATIONS)}, "
+                        f"not {type(activation).__name__}")
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(_ACTIVATIONS)}, "
                          f"not {activation!r}")
@@ -616,7 +534,7 @@ def bias_activation(x, bias, activation="relu", param=None, axis=1, *, out=None,
     negative_slope, default 0.01) or "elu" (param: alpha, default 1.0).  With ``stats=True``
     returns ``(y, ActivationStats)`` counting the positive ``x + bias`` per unit."""
     op, _, p = _activation(activation, param)
-    return _forward(op, x, out, p, None, axis, stats, stream, bias)
+    return _forward(op, x, out, p, None, axis, stats, stream, _required("bias", bias))
 
 
 def bias_activation_backward(grad, y, activation="relu", param=None, axis=1, *, out=None,

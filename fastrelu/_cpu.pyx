@@ -1,10 +1,18 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """CPU backend: lays validated NumPy arrays out for the C kernels in _kernels.h and runs them
-with the GIL released.  Arguments arrive validated by fastrelu._api; nothing here re-checks them.
+with the GIL released.  Arguments arrive validated by fastrelu._api; nothing here re-checks them,
+but no argument reaches C without its type checked (typed parameters refuse None).
+
+The constants every backend shares (op codes, flags, sums) are _kernels.h's, exported here.
 """
 import os
 
 import numpy as np
+
+try:
+    from numpy.exceptions import TooHardError
+except ImportError:  # NumPy < 1.25
+    from numpy import TooHardError
 
 cimport numpy as cnp
 from libc.stdint cimport int64_t
@@ -33,9 +41,21 @@ cdef extern from "_kernels.h" nogil:
     const char *fr_isa_name()
     int fr_get_num_threads()
     void fr_set_num_threads(int n)
+    int fr_thread_cap()
     int FR_ISA_BASELINE, FR_ISA_AVX2, FR_ISA_AVX512
+    int FR_F16, FR_F32, FR_F64
+    int FR_RELU, FR_LEAKY, FR_ELU, FR_COPY, FR_ELU_FROM_Y
+    int FR_COUNT, FR_BIAS, FR_WEIGHT
+    int FR_SUM_NONE, FR_SUM_WEIGHT, FR_SUM_GRAD
+    int FR_THREADS_PER_CPU
     Py_ssize_t FR_PARALLEL_MIN_ELEMENTS
 
+
+# op codes; PReLU is LEAKY with per-channel slopes
+RELU, LEAKY, ELU, COPY, ELU_FROM_Y = FR_RELU, FR_LEAKY, FR_ELU, FR_COPY, FR_ELU_FROM_Y
+COUNT, BIAS, WEIGHT = FR_COUNT, FR_BIAS, FR_WEIGHT  # forward flags (WEIGHT: the GPU's only)
+SUM_NONE, SUM_WEIGHT, SUM_GRAD = FR_SUM_NONE, FR_SUM_WEIGHT, FR_SUM_GRAD  # backward sums
+THREADS_PER_CPU = FR_THREADS_PER_CPU
 
 fr_init_threads()
 _SIMD_LEVELS = {"baseline": FR_ISA_BASELINE, "avx2": FR_ISA_AVX2, "avx512": FR_ISA_AVX512}
@@ -51,18 +71,6 @@ def _select_simd():
 _select_simd()
 
 
-def _threads_from_environment():
-    requested = os.environ.get("FASTRELU_NUM_THREADS", "").strip()
-    if not requested:
-        return
-    if not requested.isdigit() or int(requested) < 1:
-        raise ValueError(f"FASTRELU_NUM_THREADS must be a positive integer, not {requested!r}")
-    fr_set_num_threads(int(requested))
-
-
-_threads_from_environment()
-
-
 def simd_level():
     """The instruction set the kernels run with: 'avx512', 'avx2' or 'baseline'."""
     return fr_isa_name().decode()
@@ -76,6 +84,12 @@ def set_num_threads(int n):
     fr_set_num_threads(n)
 
 
+def thread_cap():
+    """The most threads a kernel runs on (FR_THREADS_PER_CPU per logical CPU, or OpenMP's
+    thread limit if lower)."""
+    return fr_thread_cap()
+
+
 PARALLEL_MIN_ELEMENTS = FR_PARALLEL_MIN_ELEMENTS
 
 
@@ -84,9 +98,8 @@ cdef inline char *_data(cnp.ndarray a):
 
 
 cdef inline int _dtype_code(cnp.ndarray a):
-    """The C kernels' dtype code (FR_F16, FR_F32, FR_F64)."""
     cdef int t = cnp.PyArray_TYPE(a)
-    return 2 if t == cnp.NPY_DOUBLE else 1 if t == cnp.NPY_FLOAT else 0
+    return FR_F64 if t == cnp.NPY_DOUBLE else FR_F32 if t == cnp.NPY_FLOAT else FR_F16
 
 
 cdef void _extent(cnp.ndarray a, Py_ssize_t *lo, Py_ssize_t *hi):
@@ -104,8 +117,8 @@ cdef void _extent(cnp.ndarray a, Py_ssize_t *lo, Py_ssize_t *hi):
 
 
 cdef inline bint _plain_float(a, int typenum, int ndim, cnp.npy_intp *dims):
-    """a is an ndarray of type `typenum` (or any float type when typenum < 0) in native byte
-    order with the given shape."""
+    """a is an aligned ndarray of type `typenum` (or any float type when typenum < 0) in native
+    byte order with the given shape (dims NULL: any shape)."""
     if type(a) is not np.ndarray:
         return False
     cdef cnp.ndarray arr = <cnp.ndarray>a
@@ -113,6 +126,8 @@ cdef inline bint _plain_float(a, int typenum, int ndim, cnp.npy_intp *dims):
     if not (t == cnp.NPY_FLOAT or t == cnp.NPY_DOUBLE or t == NPY_HALF):
         return False
     if (typenum >= 0 and t != typenum) or not cnp.PyArray_ISNOTSWAPPED(arr):
+        return False
+    if not cnp.PyArray_ISALIGNED(arr):
         return False
     if dims != NULL:
         if cnp.PyArray_NDIM(arr) != ndim:
@@ -123,17 +138,18 @@ cdef inline bint _plain_float(a, int typenum, int ndim, cnp.npy_intp *dims):
     return True
 
 
-def is_plain_call(x, out, grad=None):
-    """True for the common call that needs no conversion and cannot fail: NumPy float arrays of
-    one dtype and shape, and an `out` that is writable and either x (or grad) itself or disjoint
-    from them.  Anything else goes through the full checks, which also word the errors."""
-    return _is_plain_call(x, out, grad)
+def is_plain_call(x, out, grad=None, bint backward=False):
+    """True for the common call that needs no conversion and cannot fail: aligned NumPy float
+    arrays of one dtype and shape (x, and grad for a backward), and an `out` that is writable and
+    either x (or grad) itself or disjoint from them.  Anything else goes through the full checks,
+    which also word the errors."""
+    return _is_plain_call(x, out, grad, backward)
 
 
 def plain_forward(int op, x, out, double p):
     """op(x) (p: its parameter) for a plain call of C-contiguous arrays, in one step from Python;
     None for any other call, which goes through the full checks."""
-    if not (_is_plain_call(x, out, None) and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>x)
+    if not (_is_plain_call(x, out, None, False) and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>x)
             and (out is None or cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>out))):
         return None
     cdef cnp.ndarray y = _target(x, out)
@@ -143,7 +159,7 @@ def plain_forward(int op, x, out, double p):
 
 def plain_backward(int op, grad, x, out, double p):
     """The gradient of op for a plain call of C-contiguous arrays, or None (see plain_forward)."""
-    if not (_is_plain_call(x, out, grad) and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>x)
+    if not (_is_plain_call(x, out, grad, True) and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>x)
             and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>grad)
             and (out is None or cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>out))):
         return None
@@ -152,12 +168,12 @@ def plain_backward(int op, grad, x, out, double p):
     return dx
 
 
-cdef bint _is_plain_call(x, out, grad):
+cdef bint _is_plain_call(x, out, grad, bint backward):
     if not _plain_float(x, -1, 0, NULL):
         return False
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef int t = cnp.PyArray_TYPE(xa), nd = cnp.PyArray_NDIM(xa)
-    if grad is not None and not _plain_float(grad, t, nd, cnp.PyArray_DIMS(xa)):
+    if backward and not _plain_float(grad, t, nd, cnp.PyArray_DIMS(xa)):
         return False
     if out is None:
         return True
@@ -165,38 +181,32 @@ cdef bint _is_plain_call(x, out, grad):
         return False
     if out is not x and _memory_overlap(out, x) != 0:
         return False
-    return grad is None or out is grad or _memory_overlap(out, grad) == 0
+    return not backward or out is grad or _memory_overlap(out, grad) == 0
 
 
-def plain_prelu_axis(x, weight, axis, weight_out=None, out=None, grad=None):
-    """For a plain call (see is_plain_call): the channel axis in [0, ndim) when `weight` is a
-    NumPy array of x's dtype with one element per channel along the integer `axis`, -1 when it
-    has one element (shared), else None: the call then goes through the full checks.
-    `weight_out` (backward) must be None or a plain writable array of weight's shape that
-    shares no memory with x, grad, out or weight."""
+def is_plain_param(param, x, out, param_out=None, grad=None):
+    """For a plain call (see is_plain_call): True when `param` (PReLU's weight) is an aligned
+    NumPy array of x's dtype that shares no memory with `out`, and `param_out` (its gradient, in
+    a backward) is None or such an array of param's shape, writable, sharing no memory with x,
+    grad, out or param.  Its shape against x's is checked by the caller."""
     cdef cnp.ndarray xa = <cnp.ndarray>x
-    cdef int nd = cnp.PyArray_NDIM(xa), ax
-    if not _plain_float(weight, cnp.PyArray_TYPE(xa), 0, NULL):
-        return None
-    cdef cnp.ndarray w = <cnp.ndarray>weight
-    if weight_out is not None:
-        if not (_plain_float(weight_out, cnp.PyArray_TYPE(xa), cnp.PyArray_NDIM(w),
-                             cnp.PyArray_DIMS(w)) and cnp.PyArray_ISWRITEABLE(weight_out)):
-            return None
-        for other in (x, grad, out, weight):
-            if other is not None and memory_overlap(weight_out, other) != 0:
-                return None
-    if type(axis) is not int:
-        return None
-    if cnp.PyArray_SIZE(w) == 1 and cnp.PyArray_NDIM(w) <= 1:
-        return -1 if nd < 2 or -nd <= axis < nd else None
-    if cnp.PyArray_NDIM(w) != 1 or nd < 2 or not -nd <= axis < nd:
-        return None
-    ax = axis % nd
-    return ax if cnp.PyArray_DIMS(w)[0] == cnp.PyArray_DIMS(xa)[ax] else None
+    if not _plain_float(param, cnp.PyArray_TYPE(xa), 0, NULL):
+        return False
+    if out is not None and _memory_overlap(<cnp.ndarray>out, <cnp.ndarray>param) != 0:
+        return False
+    if param_out is None:
+        return True
+    cdef cnp.ndarray pa = <cnp.ndarray>param
+    if not (_plain_float(param_out, cnp.PyArray_TYPE(xa), cnp.PyArray_NDIM(pa),
+                         cnp.PyArray_DIMS(pa)) and cnp.PyArray_ISWRITEABLE(param_out)):
+        return False
+    for other in (x, grad, out, param):
+        if other is not None and _memory_overlap(<cnp.ndarray>param_out, <cnp.ndarray>other):
+            return False
+    return True
 
 
-def memory_overlap(cnp.ndarray a, cnp.ndarray b):
+def memory_overlap(cnp.ndarray a not None, cnp.ndarray b not None):
     """0: a and b share no memory; 1: they are the same elements in the same order (in place);
     2: they overlap otherwise."""
     return _memory_overlap(a, b)
@@ -222,19 +232,21 @@ cdef int _memory_overlap(cnp.ndarray a, cnp.ndarray b) except -1:
             return 1
     try:  # the spans meet: interleaved views may still be disjoint
         return 2 if np.shares_memory(a, b, max_work=1 << 20) else 0
-    except np.exceptions.TooHardError:
+    except TooHardError:
         return 2
 
 
 cdef cnp.ndarray _contiguous(cnp.ndarray a):
-    """`a` itself when C-contiguous in native byte order, else a copy that is."""
+    """`a` itself when C-contiguous and aligned in native byte order, else a copy that is, of
+    the same shape (0-d included)."""
     if cnp.PyArray_ISCARRAY_RO(a) and cnp.PyArray_ISNOTSWAPPED(a):
         return a
-    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))
+    return np.array(a, dtype=a.dtype.newbyteorder("="), order="C")
 
 
 cdef cnp.ndarray _target(cnp.ndarray x, out):
-    """Where the kernel writes: `out` itself when it can, else a new C-contiguous array."""
+    """Where the kernel writes: `out` itself when it can (C-contiguous, aligned, native byte
+    order), else a new C-contiguous array, which the caller copies into `out`."""
     if out is not None and cnp.PyArray_ISCARRAY(out) and cnp.PyArray_ISNOTSWAPPED(out):
         return out
     return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
@@ -244,7 +256,7 @@ cdef object _compute_type(int dt, a):
     """A per-channel array as a contiguous array of the compute type, or None."""
     if a is None:
         return None
-    return cnp.PyArray_FROMANY(a, cnp.NPY_DOUBLE if dt == 2 else cnp.NPY_FLOAT, 0, 1,
+    return cnp.PyArray_FROMANY(a, cnp.NPY_DOUBLE if dt == FR_F64 else cnp.NPY_FLOAT, 0, 1,
                                cnp.NPY_ARRAY_IN_ARRAY)
 
 
@@ -285,10 +297,10 @@ cdef _run(int op, bint backward, cnp.ndarray g, cnp.ndarray x, cnp.ndarray y, do
         raise MemoryError("fastrelu: out of memory for a kernel's per-thread sums")
 
 
-def copy(cnp.ndarray src, cnp.ndarray dst):
+def copy(cnp.ndarray src not None, cnp.ndarray dst not None):
     """dst[...] = src for C-contiguous arrays of one dtype, through the kernels' own threads and
     stores: the benchmarks' memory-copy roofline."""
-    _run(3, False, None, src, dst, 0.0, None, None, None, None)
+    _run(FR_COPY, False, None, src, dst, 0.0, None, None, None, None)
 
 
 cdef tuple _fortran_as_c(arrays, axis):
@@ -310,10 +322,8 @@ cdef bint _all_fortran(tuple arrays):
     return True
 
 
-SUM_WEIGHT, SUM_GRAD = 1, 2  # what backward's param_grad sums: PReLU's weight, or a bias
-
-
-def forward(int op, cnp.ndarray x, out, double p, weight, axis, bint want_counts, bias=None):
+def forward(int op, cnp.ndarray x not None, out, double p, weight, axis, bint want_counts,
+            bias=None):
     """y = op(x (+ bias)) into `out` (or a new array).  Returns (y, int64 positives of x (+ bias)
     per channel along `axis`, or None).  `weight`, `bias`: one value per channel along `axis`."""
     cdef bint transposed = cnp.PyArray_NDIM(x) > 1 and _all_fortran((x, out))
@@ -329,10 +339,11 @@ def forward(int op, cnp.ndarray x, out, double p, weight, axis, bint want_counts
     return (y.T if transposed else y), counts
 
 
-def backward(int op, cnp.ndarray grad, cnp.ndarray x, out, double p, weight, axis,
-             cnp.ndarray param_grad=None, int sum=SUM_WEIGHT):
+def backward(int op, cnp.ndarray grad not None, cnp.ndarray x not None, out, double p, weight,
+             axis, cnp.ndarray param_grad=None, int sum=FR_SUM_WEIGHT):
     """dx into `out` (or a new array).  `weight`: one per channel along `axis` (or None: p).  With
-    `param_grad` (C elements of x's dtype), the per-channel sums selected by `sum` go there."""
+    `param_grad` (C elements of x's dtype), the per-channel sums selected by `sum` (SUM_WEIGHT:
+    PReLU's weight gradient, SUM_GRAD: a bias's) go there."""
     cdef bint transposed = cnp.PyArray_NDIM(x) > 1 and _all_fortran((x, grad, out))
     if transposed:
         (x, grad, out), axis = _fortran_as_c((x, grad, out), axis)

@@ -24,11 +24,8 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ._api import LIBRARIES, array_library as _kind, device_index
-
-RELU, LEAKY, ELU, COPY, ELU_FROM_Y = 0, 1, 2, 3, 4  # the CPU kernels' op codes
-SUM_NONE, SUM_WEIGHT, SUM_GRAD = 0, 1, 2
-COUNT, BIAS, WEIGHT = 1, 2, 4  # rows kernel flags
+from ._cpu import BIAS, COPY, COUNT, ELU, LEAKY, RELU, SUM_GRAD, SUM_NONE, SUM_WEIGHT, WEIGHT
+from ._cuda_arrays import LIBRARIES, array_library as _kind, device_index
 
 SHARED_CHANNELS = 1024  # per-channel sums in shared memory up to this many channels
 THREADS = 256
@@ -475,11 +472,13 @@ def forward(op, x, out, p, weight, axis, want_counts, bias, dtype, stream=None):
 
 
 def backward(op, grad, x, out, p, weight, axis, param_out, param_shape, sum_kind, dtype,
-             stream=None):
+             stream=None, param_out_aliases_input=False):
     """Like fastrelu._cpu.backward, on CUDA arrays of NumPy dtype `dtype`.  With `param_shape`,
     also the per-channel sums of sum_kind (weight or input gradient), accumulated in float32
     (float64 for float64 data) and returned in `param_out` or a new array of that shape:
-    returns (dx, sums or None)."""
+    returns (dx, sums or None).  `param_out_aliases_input`: param_out is one of the inputs
+    (the weight, or grad), which the kernel reads while it sums, so the sums go to a scratch
+    accumulator first."""
     result_out = out
     with _launching(x, stream) as s:
         grad, x, out, weight, param_out = _adopt(grad, x, out, weight, param_out)
@@ -506,8 +505,9 @@ def backward(op, grad, x, out, p, weight, axis, param_out, param_shape, sum_kind
                 sum_kind, sums = SUM_NONE, _unused(ct)
             else:
                 param = param_out if param_out is not None else _empty(xc, param_shape, dtype)
-                # float32/float64 results are the accumulators themselves
-                direct = dtype == ct and is_c_contiguous(param)
+                # float32/float64 results are the accumulators themselves, unless the kernel
+                # still reads them as an input (they are zeroed first)
+                direct = dtype == ct and is_c_contiguous(param) and not param_out_aliases_input
                 sums = _flat(param) if direct else _scratch(xc, C, ct, s)
                 _fill_zero(sums, s)
             period = C * inner

@@ -23,6 +23,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <immintrin.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -39,13 +40,17 @@
 #define FR_CAT(a, b) FR_CAT_(a, b)
 #define FR_INLINE inline __attribute__((always_inline))
 
+/* The constants every backend shares, defined here only: fastrelu._cpu exports them to Python
+ * (the argument checks and the GPU kernels use those). */
 enum { FR_F16 = 0, FR_F32 = 1, FR_F64 = 2 };
 /* FR_COPY is the benchmarks' roofline; FR_ELU_FROM_Y is ELU's backward given its output y. */
 enum { FR_RELU = 0, FR_LEAKY = 1, FR_ELU = 2, FR_COPY = 3, FR_ELU_FROM_Y = 4, FR_NOPS = 5 };
-enum { FR_COUNT = 1, FR_BIAS = 2 };                           /* forward flags */
+/* forward flags; FR_WEIGHT (per-channel weights) is a flag of the GPU kernels only: here a
+ * weight array's presence says it */
+enum { FR_COUNT = 1, FR_BIAS = 2, FR_WEIGHT = 4 };
 enum { FR_SUM_NONE = 0, FR_SUM_WEIGHT = 1, FR_SUM_GRAD = 2 }; /* backward sums */
 
-/* The contract (SEMANTICS.md), evaluated exactly as written: NaN, signed zeros and infinities
+/* The contract (the README's contract table), evaluated exactly as written: NaN, signed zeros and infinities
  * follow from the comparisons.  p is negative_slope, the PReLU weight, or ELU's alpha.  ELU's
  * backward from its output y: y <= 0 exactly when x <= 0 (alpha >= 0), and y + alpha = alpha*e^x. */
 #define FR_Y(op, v, p, T, EXPM1)                                                                \
@@ -57,7 +62,6 @@ enum { FR_SUM_NONE = 0, FR_SUM_WEIGHT = 1, FR_SUM_GRAD = 2 }; /* backward sums *
     ((op) == FR_RELU    ? ((v) <= 0 ? (T)0 : (g))                                               \
      : (op) == FR_LEAKY ? ((v) > 0 ? (g) : (g) * (p))                                           \
      : (op) == FR_ELU   ? ((v) <= 0 ? (g) * (p) * EXP(v) : (g))                                 \
-     : (op) == FR_COPY  ? (g)                                                                   \
                         : ((v) <= 0 ? (g) * ((v) + (p)) : (g)))
 
 /* ---- exp and expm1 that vectorize ------------------------------------------------------------
@@ -278,35 +282,56 @@ static const char *fr_isa_name(void) { return fr_isa_in_use->name; }
 #define FR_PARALLEL_MIN_ELEMENTS ((ptrdiff_t)1 << 15)
 
 static int fr_default_threads = 1;   /* OpenMP's default when the module loaded */
+static int fr_max_threads = 1;       /* the cap: FR_THREADS_PER_CPU per logical CPU */
 static int fr_requested_threads = 0; /* set_num_threads(); 0: follow OpenMP */
+static __thread int fr_set_here = 0; /* set_num_threads() was called on this thread */
 static int fr_team_started = 0;      /* a threaded kernel has run in this process */
 static int fr_in_forked_child = 0;   /* forked after that: libgomp's team is gone, stay serial */
+
+/* More threads than this per logical CPU only add switching, and thousands make OpenMP's team
+ * creation fail (or crash the process). */
+#define FR_THREADS_PER_CPU 4
 
 static void fr_after_fork_in_child(void) {
     if (__atomic_load_n(&fr_team_started, __ATOMIC_RELAXED)) fr_in_forked_child = 1;
 }
 
 static void fr_init_threads(void) {
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    cpus = cpus < 1 ? 1 : cpus > (1 << 20) ? (1 << 20) : cpus;
+    fr_max_threads = (int)cpus * FR_THREADS_PER_CPU;
 #ifdef _OPENMP
+    if (omp_get_thread_limit() < fr_max_threads) fr_max_threads = omp_get_thread_limit();
     fr_default_threads = omp_get_max_threads();
     pthread_atfork(NULL, NULL, fr_after_fork_in_child);
 #endif
 }
 
-/* OpenMP's own limit (OMP_NUM_THREADS, threadpoolctl) wins when it has been changed since load;
- * otherwise an explicit set_num_threads() does. */
+static int fr_thread_cap(void) { return fr_max_threads; }
+
+/* set_num_threads(n) is OpenMP's own limit on the calling thread (omp_set_num_threads, as
+ * threadpoolctl and torch.set_num_threads use), so a later threadpoolctl limit there overrides
+ * it, whatever its value; other threads, whose OpenMP limit is still the default, take n too
+ * unless their own limit has been changed.  Never more than the cap. */
 static int fr_get_num_threads(void) {
 #ifdef _OPENMP
     if (fr_in_forked_child) return 1;
-    int omp_limit = omp_get_max_threads();
-    if (fr_requested_threads > 0 && omp_limit == fr_default_threads) return fr_requested_threads;
-    return omp_limit;
+    int n = omp_get_max_threads();
+    if (fr_requested_threads > 0 && !fr_set_here && n == fr_default_threads)
+        n = fr_requested_threads;
+    return n < fr_max_threads ? n : fr_max_threads;
 #else
     return 1;
 #endif
 }
 
-static void fr_set_num_threads(int n) { fr_requested_threads = n; }
+static void fr_set_num_threads(int n) {
+    fr_requested_threads = n;
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+    fr_set_here = 1;
+#endif
+}
 
 /* Outputs at least this large are written with non-temporal stores: they cannot stay in cache
  * anyway, and skipping write-allocate saves a third of the memory traffic. */

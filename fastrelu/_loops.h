@@ -176,9 +176,9 @@ static FR_INLINE void FR_FN(bwd_rows_t)(int op, const FR_T *g, const FR_T *x, FR
     }
 }
 
-/* The non-inline entry points, one per op (the signatures of fr_loops in _kernels.h); each runs
- * the instantiation of its flags. */
-#define FR_INSTANTIATE(OPNAME, OP)                                                              \
+/* The non-inline entry points (the signatures of fr_loops in _kernels.h), made only for the ops
+ * that reach them; each runs the instantiation of its flags. */
+#define FR_FWD_FLAT(OPNAME, OP)                                                                 \
     static int64_t FR_FN(FR_CAT(fwd_flat_, OPNAME))(const void *x, void *y, ptrdiff_t n,        \
                                                    double p, double b, int flags) {             \
         switch (flags) {                                                                        \
@@ -188,7 +188,8 @@ static FR_INLINE void FR_FN(bwd_rows_t)(int op, const FR_T *g, const FR_T *x, FR
         default:                                                                                \
             return FR_FN(fwd_flat_t)(OP, x, y, n, (FR_T)p, (FR_T)b, FR_COUNT | FR_BIAS);        \
         }                                                                                       \
-    }                                                                                           \
+    }
+#define FR_BWD_FLAT(OPNAME, OP)                                                                 \
     static double FR_FN(FR_CAT(bwd_flat_, OPNAME))(const void *g, const void *x, void *dx,      \
                                                   ptrdiff_t n, double p, int sum) {             \
         switch (sum) {                                                                          \
@@ -196,7 +197,8 @@ static FR_INLINE void FR_FN(bwd_rows_t)(int op, const FR_T *g, const FR_T *x, FR
         case FR_SUM_WEIGHT: return FR_FN(bwd_flat_t)(OP, g, x, dx, n, (FR_T)p, FR_SUM_WEIGHT);  \
         default: return FR_FN(bwd_flat_t)(OP, g, x, dx, n, (FR_T)p, FR_SUM_GRAD);               \
         }                                                                                       \
-    }                                                                                           \
+    }
+#define FR_FWD_ROWS(OPNAME, OP)                                                                 \
     static void FR_FN(FR_CAT(fwd_rows_, OPNAME))(const void *x, void *y, ptrdiff_t n,           \
                                                 ptrdiff_t L, ptrdiff_t j0, const void *pw,      \
                                                 const void *pb, int64_t *counts) {              \
@@ -206,7 +208,8 @@ static FR_INLINE void FR_FN(bwd_rows_t)(int op, const FR_T *g, const FR_T *x, FR
         case FR_BIAS: FR_FN(fwd_rows_t)(OP, x, y, n, L, j0, pw, pb, counts, FR_BIAS); break;    \
         default: FR_FN(fwd_rows_t)(OP, x, y, n, L, j0, pw, pb, counts, FR_COUNT | FR_BIAS);     \
         }                                                                                       \
-    }                                                                                           \
+    }
+#define FR_BWD_ROWS(OPNAME, OP)                                                                 \
     static void FR_FN(FR_CAT(bwd_rows_, OPNAME))(const void *g, const void *x, void *dx,        \
                                                 ptrdiff_t n, ptrdiff_t L, ptrdiff_t j0,         \
                                                 const void *pw, double *sums, int sum) {        \
@@ -219,24 +222,39 @@ static FR_INLINE void FR_FN(bwd_rows_t)(int op, const FR_T *g, const FR_T *x, FR
         }                                                                                       \
     }
 
-FR_INSTANTIATE(relu, FR_RELU)
-FR_INSTANTIATE(leaky, FR_LEAKY)
-FR_INSTANTIATE(elu, FR_ELU)
-FR_INSTANTIATE(copy, FR_COPY)
-FR_INSTANTIATE(elu_from_y, FR_ELU_FROM_Y)
+/* forward: relu, leaky, elu (flat, and rows for statistics, biases and PReLU weights) and the
+ * copy (flat); backward: relu, leaky (flat and rows: bias and weight gradients), elu from x
+ * (flat), elu from y (flat, and rows: bias_activation_backward) */
+FR_FWD_FLAT(relu, FR_RELU)
+FR_FWD_FLAT(leaky, FR_LEAKY)
+FR_FWD_FLAT(elu, FR_ELU)
+FR_FWD_FLAT(copy, FR_COPY)
+FR_FWD_ROWS(relu, FR_RELU)
+FR_FWD_ROWS(leaky, FR_LEAKY)
+FR_FWD_ROWS(elu, FR_ELU)
+FR_BWD_FLAT(relu, FR_RELU)
+FR_BWD_FLAT(leaky, FR_LEAKY)
+FR_BWD_FLAT(elu, FR_ELU)
+FR_BWD_FLAT(elu_from_y, FR_ELU_FROM_Y)
+FR_BWD_ROWS(relu, FR_RELU)
+FR_BWD_ROWS(leaky, FR_LEAKY)
+FR_BWD_ROWS(elu_from_y, FR_ELU_FROM_Y)
 
 static const fr_loops FR_FN(loops) = {
-    {FR_FN(fwd_flat_relu), FR_FN(fwd_flat_leaky), FR_FN(fwd_flat_elu), FR_FN(fwd_flat_copy),
-     FR_FN(fwd_flat_elu_from_y)},
-    {FR_FN(bwd_flat_relu), FR_FN(bwd_flat_leaky), FR_FN(bwd_flat_elu), FR_FN(bwd_flat_copy),
-     FR_FN(bwd_flat_elu_from_y)},
-    {FR_FN(fwd_rows_relu), FR_FN(fwd_rows_leaky), FR_FN(fwd_rows_elu), FR_FN(fwd_rows_copy),
-     FR_FN(fwd_rows_elu_from_y)},
-    {FR_FN(bwd_rows_relu), FR_FN(bwd_rows_leaky), FR_FN(bwd_rows_elu), FR_FN(bwd_rows_copy),
-     FR_FN(bwd_rows_elu_from_y)},
+    .fwd_flat = {[FR_RELU] = FR_FN(fwd_flat_relu), [FR_LEAKY] = FR_FN(fwd_flat_leaky),
+                 [FR_ELU] = FR_FN(fwd_flat_elu), [FR_COPY] = FR_FN(fwd_flat_copy)},
+    .bwd_flat = {[FR_RELU] = FR_FN(bwd_flat_relu), [FR_LEAKY] = FR_FN(bwd_flat_leaky),
+                 [FR_ELU] = FR_FN(bwd_flat_elu), [FR_ELU_FROM_Y] = FR_FN(bwd_flat_elu_from_y)},
+    .fwd_rows = {[FR_RELU] = FR_FN(fwd_rows_relu), [FR_LEAKY] = FR_FN(fwd_rows_leaky),
+                 [FR_ELU] = FR_FN(fwd_rows_elu)},
+    .bwd_rows = {[FR_RELU] = FR_FN(bwd_rows_relu), [FR_LEAKY] = FR_FN(bwd_rows_leaky),
+                 [FR_ELU_FROM_Y] = FR_FN(bwd_rows_elu_from_y)},
 };
 
-#undef FR_INSTANTIATE
+#undef FR_FWD_FLAT
+#undef FR_BWD_FLAT
+#undef FR_FWD_ROWS
+#undef FR_BWD_ROWS
 #undef FR_FN
 
 #endif /* FR_T */

@@ -40,8 +40,9 @@ class ActivationStats:
 
     @property
     def dead(self):
-        """Per unit, True when none of its inputs was positive."""
-        return self.positive == 0
+        """Per unit, True when it had inputs and none of them was positive (a unit that saw no
+        input, as in an empty batch, is not counted dead: nothing is known of it)."""
+        return (self.positive == 0) & (self.per_unit > 0)
 
     @property
     def dead_fraction(self):
@@ -71,6 +72,14 @@ class DeadUnitTracker:
         self.history = []  # one end_epoch() report per finished epoch
 
     def update(self, layer, stats):
+        """Adds one batch's statistics of `layer` (any hashable name)."""
+        if not isinstance(stats, ActivationStats):
+            raise TypeError(f"stats must be an ActivationStats (from an op called with "
+                            f"stats=True), not {type(stats).__name__}")
+        try:
+            hash(layer)
+        except TypeError:
+            raise TypeError(f"layer must be a hashable name, not {type(layer).__name__}") from None
         if layer in self._positive:
             if self._positive[layer].shape != stats.positive.shape:
                 raise ValueError(f"layer {layer!r} had {self._positive[layer].size} units, "
@@ -89,6 +98,9 @@ class DeadUnitTracker:
 
     def stats(self, layer):
         """The epoch so far as one ActivationStats."""
+        if layer not in self._positive:
+            known = ", ".join(map(repr, self._positive)) or "none yet"
+            raise KeyError(f"no statistics for layer {layer!r} in this epoch (layers: {known})")
         return ActivationStats(self._positive[layer], self._per_unit[layer])
 
     def dead_fraction(self, layer):

@@ -1,0 +1,124 @@
+"""The CUDA-array model shared by argument validation (fastrelu._api) and the GPU backend
+(fastrelu._gpu): which objects are CUDA arrays, which library made them, the GPU they live on,
+and what validation needs of them (shape, dtype, strides, address), read from
+``__cuda_array_interface__`` without importing any GPU library."""
+import math
+
+import numpy as np
+
+
+def is_device(a):
+    """A CUDA array: anything exporting __cuda_array_interface__ (CuPy, PyTorch CUDA tensors,
+    numba), or a numba device array of the CUDA simulator (which exports none)."""
+    if a is None or isinstance(a, (np.ndarray, list, tuple, int, float)):
+        return False
+    module = type(a).__module__
+    if module.startswith("torch"):
+        return bool(getattr(a, "is_cuda", False))
+    if module.startswith("numba") and hasattr(a, "copy_to_host"):
+        return True
+    return hasattr(a, "__cuda_array_interface__")
+
+
+LIBRARIES = ("torch", "cupy")  # array libraries with their own allocator, copies and streams
+
+
+def array_library(a):
+    """Which library made a CUDA array: "torch", "cupy", "numba", or "cai" for any other
+    __cuda_array_interface__ producer (whose results are numba arrays)."""
+    module = type(a).__module__
+    for library in ("torch", "cupy", "numba"):
+        if module.startswith(library):
+            return library
+    return "cai"
+
+
+def device_index(a):
+    """The GPU a PyTorch or CuPy array lives on; None for others (numba's current GPU)."""
+    library = array_library(a)
+    if library == "torch":
+        return a.device.index
+    if library == "cupy":
+        return a.device.id
+    return None
+
+
+class DeviceView:
+    """What validation needs of a CUDA array: shape, dtype, byte strides, address, writability."""
+
+    __slots__ = ("obj", "library", "device", "shape", "dtype", "strides", "ptr", "readonly")
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    def __init__(self, name, obj):
+        self.obj, self.library = obj, array_library(obj)
+        if self.library == "torch" and obj.requires_grad:
+            raise TypeError(f"{name} requires grad and exports no CUDA array interface: "
+                            f"pass {name}.detach()")
+        interface = getattr(obj, "__cuda_array_interface__", None)
+        if interface is not None:
+            self.shape = tuple(interface["shape"])
+            self.dtype = np.dtype(interface["typestr"])
+            self.ptr, self.readonly = interface["data"]
+            strides = interface.get("strides")
+            self.strides = tuple(strides) if strides is not None else \
+                c_strides(self.shape, self.dtype.itemsize)
+        else:  # the simulator's arrays wrap a NumPy array
+            host = obj._ary
+            self.shape, self.dtype, self.strides = host.shape, host.dtype, host.strides
+            self.ptr, self.readonly = host.ctypes.data, not host.flags.writeable
+        self.device = device_index(obj)
+
+    def extent(self):
+        lo = hi = self.ptr
+        for n, s in zip(self.shape, self.strides):
+            lo, hi = (lo + s * (n - 1), hi) if s < 0 else (lo, hi + s * (n - 1))
+        return lo, hi + self.dtype.itemsize
+
+    def same_memory(self, other):
+        return (self.ptr, self.shape, self.strides) == (other.ptr, other.shape, other.strides)
+
+    def overlaps(self, other):
+        if not math.prod(self.shape) or not math.prod(other.shape):
+            return False
+        (a0, a1), (b0, b1) = self.extent(), other.extent()
+        return a0 < b1 and b0 < a1
+
+    def orders(self):
+        """(C-contiguous, F-contiguous)."""
+        c = c_strides(self.shape, self.dtype.itemsize)
+        f = tuple(reversed(c_strides(tuple(reversed(self.shape)), self.dtype.itemsize)))
+        return (all(s == cs or n <= 1 for n, s, cs in zip(self.shape, self.strides, c)),
+                all(s == fs or n <= 1 for n, s, fs in zip(self.shape, self.strides, f)))
+
+
+def check_device_arrays(named_views):
+    """CUDA arrays of one call must be on one GPU; numba's (and other producers') arrays must be
+    contiguous, and in one memory order with the call's other arrays: the GPU backend copies CuPy
+    and PyTorch arrays of other layouts with their own library, but has no copy for those."""
+    views = [(n, v) for n, v in named_views if isinstance(v, DeviceView)]
+    located = [(n, v.device) for n, v in views if v.device is not None]
+    for name, device in located[1:]:
+        if device != located[0][1]:
+            raise ValueError(f"{name} is on CUDA device {device} but {located[0][0]} is on "
+                             f"device {located[0][1]}; move them to one device")
+    orders = [v.orders() for _, v in views]
+    for (name, v), (c, f) in zip(views, orders):
+        if v.library not in LIBRARIES and not (c or f):
+            raise TypeError(f"{name} is a strided {v.library} device array: make it contiguous "
+                            "first (CuPy arrays and PyTorch tensors of any layout are accepted)")
+    if any(v.library not in LIBRARIES for _, v in views) and \
+            not (all(c for c, _ in orders) or all(f for _, f in orders)):
+        names = " and ".join(n for n, _ in views)
+        raise TypeError(f"{names} mix C and Fortran memory orders, which numba device arrays "
+                        "cannot be copied between: give them one order")
+
+
+def c_strides(shape, itemsize):
+    strides, step = [], itemsize
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
