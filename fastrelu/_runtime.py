@@ -54,7 +54,7 @@ def _threads_from_environment():
     requested = os.environ.get("FASTRELU_NUM_THREADS", "").strip()
     if not requested:
         return
-    if not (requested.isascii() and requested.isdigit()) or int(requested) < 1:
+    if not (requested.isascii() and requested.isdigit()) or not requested.strip("0"):
         raise ValueError(f"FASTRELU_NUM_THREADS must be a positive integer, not {requested!r}")
     # more digits than any thread count has: capped without parsing a huge integer
     _set_capped(int(requested) if len(requested) <= 18 else _MAX_THREADS, "FASTRELU_NUM_THREADS")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import fastrelu
-from conftest import ulp_distance
+from helpers import ulp_distance
 
 
 def negative_sweep(dtype):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import fastrelu
+from helpers import AxisError
 
 X = np.linspace(-2, 2, 12, dtype=np.float32).reshape(3, 4)
 G = np.ones((3, 4), np.float32)
@@ -155,7 +156,7 @@ def test_parameters_accept_numpy_scalars():
         (np.full((4, 1), 0.25, np.float32), 1, ValueError, "weight must have shape"),
         (np.full(5, 0.25, np.float32), 1, ValueError, "weight has 5 elements but x has 4"),
         (np.full(4, 0.25, np.float32), 0, ValueError, "weight has 4 elements but x has 3"),
-        (np.full(4, 0.25, np.float32), 2, np.exceptions.AxisError, "axis 2 is out of bounds"),
+        (np.full(4, 0.25, np.float32), 2, AxisError, "axis 2 is out of bounds"),
         (np.full(4, 0.25, np.float32), -3, ValueError, "out of bounds"),
         (np.full(4, 0.25, np.float32), 1.0, TypeError, "axis must be an integer"),
         (np.full(4, 0.25, np.float32), "1", TypeError, "axis must be an integer"),

@@ -15,7 +15,7 @@ numba = pytest.importorskip("numba")
 from numba import cuda  # noqa: E402
 
 import fastrelu  # noqa: E402
-from conftest import assert_bitwise, edge_array  # noqa: E402
+from helpers import assert_bitwise, edge_array  # noqa: E402
 from fastrelu import reference  # noqa: E402
 
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -209,6 +209,29 @@ def test_prelu_backward_into_out_pair():
                                    ref_dw[finite].astype(np.float64), rtol=5e-3)
         _, db = fastrelu.bias_activation_backward(dev(g), dev(x), "relu", out=(None, dw_out))
         assert db is dw_out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_parameter_gradient_into_an_input_reads_the_input_first(dtype):
+    """out[1] may be the weight (or grad) itself, as on the CPU: the sums must not be zeroed in
+    it before the kernel has read it."""
+    x, g = data((6, 4, 5), dtype, 12)
+    w = np.array([0.1, -0.3, 0.5, 2.0], dtype)
+    ref_dx, ref_dw = reference.prelu_backward(g, x, w)
+    dw_in = dev(w)
+    dx, dw = fastrelu.prelu_backward(dev(g), dev(x), dw_in, out=(None, dw_in))
+    assert dw is dw_in
+    check("prelu", dx, ref_dx)
+    finite = np.isfinite(ref_dw)
+    np.testing.assert_allclose(host(dw)[finite].astype(np.float64),
+                               ref_dw[finite].astype(np.float64), rtol=5e-3)
+    # a bias gradient into the incoming gradient: along axis 0 of 1-d data, element = unit
+    g1 = np.arange(-3, 4, dtype=dtype)
+    y1 = np.array([0, 1, 0, 2, 0, 3, 0], dtype)
+    g_in = dev(g1)
+    _, db = fastrelu.bias_activation_backward(g_in, dev(y1), "relu", None, 0, out=(None, g_in))
+    assert db is g_in
+    assert_bitwise(host(db), reference.relu_backward(g1, y1))
 
 
 def test_numba_arrays_of_mixed_memory_orders_are_refused():

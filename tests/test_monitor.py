@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import fastrelu
-from conftest import assert_bitwise, assert_close_ulp
+from helpers import AxisError, assert_bitwise, assert_close_ulp
 from fastrelu import reference
 from fastrelu.monitor import ActivationStats, DeadUnitTracker
 
@@ -75,7 +75,7 @@ def test_stats_with_out_and_threads():
 
 def test_bad_stats_arguments():
     x = np.ones((3, 4))
-    with pytest.raises(np.exceptions.AxisError):
+    with pytest.raises(AxisError):
         fastrelu.relu(x, stats=True, axis=2)
     with pytest.raises(TypeError, match="stats must be True or False"):
         fastrelu.relu(x, stats="yes")
@@ -218,3 +218,32 @@ def test_elu_backward_from_output():
     assert_bitwise(from_y, expected)
     with pytest.raises(ValueError, match="alpha >= 0"):
         fastrelu.elu_backward(g, y, -0.5, from_output=True)
+
+
+def test_an_empty_batch_reports_no_unit_dead():
+    tracker = fastrelu.DeadUnitTracker()
+    _, stats = fastrelu.relu(np.zeros((0, 5), np.float32), stats=True)
+    assert stats.per_unit == 0 and not stats.dead.any() and stats.dead_fraction == 0.0
+    tracker.update("hidden", stats)
+    assert tracker.report()["hidden"]["dead_units"] == 0
+    # then a real batch: only its never-positive units are dead
+    _, stats = fastrelu.relu(np.array([[1.0, -1.0, 0.0, 2.0, -3.0]], np.float32), stats=True)
+    tracker.update("hidden", stats)
+    np.testing.assert_array_equal(tracker.stats("hidden").dead, [False, True, True, False, True])
+
+
+@pytest.mark.parametrize("bad", [None, np.zeros(3), {"positive": np.zeros(3)}])
+def test_update_needs_activation_stats(bad):
+    tracker = fastrelu.DeadUnitTracker()
+    with pytest.raises(TypeError, match="stats must be an ActivationStats"):
+        tracker.update("hidden", bad)
+    assert tracker.layers == []
+
+
+def test_unknown_layers_and_unhashable_names():
+    tracker = fastrelu.DeadUnitTracker()
+    _, stats = fastrelu.relu(np.ones((2, 3)), stats=True)
+    with pytest.raises(TypeError, match="layer must be a hashable name"):
+        tracker.update(["hidden"], stats)
+    with pytest.raises(KeyError, match="no statistics for layer 'missing'"):
+        tracker.stats("missing")

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import fastrelu
-from conftest import DTYPES, ELEMENTWISE, assert_bitwise, assert_close_ulp, edge_array
+from helpers import DTYPES, ELEMENTWISE, assert_bitwise, assert_close_ulp, edge_array
 from fastrelu import reference
 
 PARAMS = {"relu": [None], "leaky_relu": [0.01, 0.0, -0.3, 1.0, 2.5], "elu": [1.0, 0.5, 2.0, -1.0]}

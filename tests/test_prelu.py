@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastrelu
-from conftest import DTYPES, assert_bitwise, edge_array
+from helpers import DTYPES, assert_bitwise, edge_array
 from fastrelu import reference
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fastrelu
-from conftest import assert_bitwise
+from helpers import assert_bitwise
 from fastrelu import reference
 
 
@@ -268,3 +268,81 @@ def test_smaller_openmp_team_still_covers_every_element():
     """
     out = run_python(code, {"OMP_THREAD_LIMIT": "1"})
     assert out == f"{1 << 20} {-float(1 << 20)}"
+
+
+def test_thread_counts_are_capped_and_never_crash():
+    code = """
+        import os, warnings, numpy as np, fastrelu
+        cap = fastrelu.info()["thread_cap"]
+        assert cap == min(4 * os.cpu_count(), cap) and cap >= 1, cap
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fastrelu.set_num_threads(10**6)
+        assert any("at most" in str(w.message) for w in caught), caught
+        x = -np.ones(1 << 21, np.float32)
+        y = fastrelu.relu(x)
+        dx, dw = fastrelu.prelu_backward(np.ones_like(x), x, np.float32(0.5))
+        print(fastrelu.get_num_threads() == cap, int((y == 0).sum()), float(dw))
+    """
+    assert run_python(code) == f"True {1 << 21} {-float(1 << 21)}"
+
+
+@pytest.mark.parametrize("env", [{"OMP_NUM_THREADS": "100000"},
+                                 {"FASTRELU_NUM_THREADS": str(10**30)},
+                                 {"FASTRELU_NUM_THREADS": "9" * 5000}])
+def test_absurd_thread_counts_from_the_environment_are_capped(env):
+    code = """
+        import numpy as np, fastrelu
+        x = -np.ones(1 << 21, np.float32)
+        y = fastrelu.leaky_relu(x, 0.5)
+        print(fastrelu.get_num_threads() <= fastrelu.info()["thread_cap"], float(y.sum()))
+    """
+    full_env = {**os.environ, **env}
+    res = subprocess.run([sys.executable, "-W", "always", "-c", textwrap.dedent(code)],
+                         capture_output=True, text=True, env=full_env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["True", str(-float(1 << 20))]
+    assert "Traceback" not in res.stderr and "OverflowError" not in res.stderr
+    if "FASTRELU_NUM_THREADS" in env:
+        assert "FASTRELU_NUM_THREADS asked for" in res.stderr
+
+
+@pytest.mark.parametrize("value", ["1e5", "-3", "0", "two", "3.0"])
+def test_malformed_thread_count_in_the_environment_is_a_clear_error(value):
+    res = subprocess.run([sys.executable, "-c", "import fastrelu"], capture_output=True,
+                         text=True, env={**os.environ, "FASTRELU_NUM_THREADS": value})
+    assert res.returncode != 0
+    assert "FASTRELU_NUM_THREADS must be a positive integer" in res.stderr.splitlines()[-1]
+
+
+def test_threadpoolctl_limit_equal_to_the_default_overrides_set_num_threads():
+    pytest.importorskip("threadpoolctl")
+    code = """
+        import threading, numpy as np, fastrelu, threadpoolctl
+        fastrelu.relu(np.zeros(1))
+        default = fastrelu.get_num_threads()
+        fastrelu.set_num_threads(1)
+        with threadpoolctl.threadpool_limits(limits=default, user_api="openmp"):
+            inside = fastrelu.get_num_threads()
+        after = fastrelu.get_num_threads()
+        seen = []  # another thread follows set_num_threads too
+        t = threading.Thread(target=lambda: seen.append(fastrelu.get_num_threads()))
+        t.start(); t.join()
+        print(default, inside, after, seen[0])
+    """
+    assert run_python(code, {"OMP_NUM_THREADS": "3"}) == "3 3 1 1"
+
+
+def test_a_clone_without_its_compiled_extension_says_what_to_do(tmp_path):
+    import shutil
+
+    package = os.path.dirname(fastrelu.__file__)
+    shutil.copytree(package, tmp_path / "fastrelu",
+                    ignore=shutil.ignore_patterns("*.so", "*.c", "__pycache__"))
+    # -S: without site-packages, as a regular (not editable) install sees the clone's tree
+    res = subprocess.run([sys.executable, "-S", "-c", "import fastrelu"], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=60)
+    assert res.returncode != 0
+    message = res.stderr.strip().splitlines()[-1]
+    assert "compiled extension (fastrelu._cpu) for this Python is missing" in message
+    assert "pip install -e ." in message and "circular import" not in message

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import fastrelu
-from conftest import assert_bitwise
+from helpers import assert_bitwise
 
 f = np.float32
 INF, NAN = np.inf, np.nan

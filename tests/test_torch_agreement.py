@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import fastrelu
-from conftest import assert_bitwise, assert_close_ulp, edge_array
+from helpers import assert_bitwise, assert_close_ulp, edge_array
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
