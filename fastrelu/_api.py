@@ -165,6 +165,8 @@ def _device_arrays(named):
         if isinstance(value, _PYTHON_VALUES):
             views.append(None)
             continue
+        if value is None:
+            raise TypeError(f"{name} must be a CUDA array like the other arrays, not None")
         if not is_device(value):
             raise TypeError(
                 f"{name} is a host array ({type(value).__name__}) but the call has CUDA arrays: "

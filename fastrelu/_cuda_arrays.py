@@ -88,6 +88,8 @@ class DeviceView:
 
     def orders(self):
         """(C-contiguous, F-contiguous)."""
+        if not math.prod(self.shape):
+            return True, True  # an empty array's strides say nothing about its order
         c = c_strides(self.shape, self.dtype.itemsize)
         f = tuple(reversed(c_strides(tuple(reversed(self.shape)), self.dtype.itemsize)))
         return (all(s == cs or n <= 1 for n, s, cs in zip(self.shape, self.strides, c)),

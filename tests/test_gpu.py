@@ -234,6 +234,26 @@ def test_parameter_gradient_into_an_input_reads_the_input_first(dtype):
     assert_bitwise(host(db), reference.relu_backward(g1, y1))
 
 
+def test_hostile_arguments_on_the_gpu_path():
+    x = dev(np.array(-2.0, np.float32))
+    w = dev(np.array(0.5, np.float32))
+    assert host(fastrelu.prelu(x, w)).shape == () and float(host(fastrelu.prelu(x, w))) == -1.0
+    dx, dw = fastrelu.prelu_backward(x, x, w)
+    assert host(dx).shape == () and host(dw).shape == ()
+    X = dev(np.ones((4, 3), np.float32))
+    with pytest.raises(TypeError, match="weight must be an array"):
+        fastrelu.prelu(X, None)
+    with pytest.raises(TypeError, match="grad must be a CUDA array like the other arrays, not None"):
+        fastrelu.relu_backward(None, X)
+    buf = dev(np.full(12, 0.5, np.float32))
+    with pytest.raises(ValueError, match="out partially overlaps weight"):
+        fastrelu.prelu(X, buf[:3], out=buf.reshape(4, 3))
+    empty = dev(np.zeros((0, 3), np.float32))
+    y, stats = fastrelu.relu(empty, stats=True)
+    assert host(y).shape == (0, 3) and stats.positive.tolist() == [0, 0, 0]
+    assert not stats.dead.any()
+
+
 def test_numba_arrays_of_mixed_memory_orders_are_refused():
     x, g = data((4, 6), np.float32, 11)
     xf = cuda.to_device(np.asfortranarray(x))

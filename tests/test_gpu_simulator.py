@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("numba")
 
 
+@pytest.mark.slow
 def test_gpu_tests_pass_under_the_simulator():
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
@@ -20,6 +21,7 @@ def test_gpu_tests_pass_under_the_simulator():
     assert " passed" in summary and " failed" not in summary, summary
 
 
+@pytest.mark.slow
 def test_every_kernel_compiles_to_ptx():
     code = ("import json; from fastrelu import _gpu; "
             "print(json.dumps(_gpu.compile_ptx_all(cc=(9, 0))))")

@@ -266,6 +266,7 @@ def test_backward_matches_finite_differences(name):
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
                          ids=lambda d: np.dtype(d).name)
+@pytest.mark.slow
 def test_outputs_written_with_streaming_stores(dtype):
     """Outputs of 64 MiB and more go through non-temporal stores from staged buffers."""
     n = (65 << 20) // np.dtype(dtype).itemsize // 100 * 100 + 300  # odd stage and row ends

@@ -179,6 +179,7 @@ SIMD_CHECK = """
 """
 
 
+@pytest.mark.slow
 def test_every_simd_level():
     """Each level agrees with the reference, and all give bit-identical ELU results (the same
     IEEE operations in the same order, with no fused multiply-add)."""
@@ -240,6 +241,7 @@ def _free_memory_gib():
     return 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_free_memory_gib() < 14, reason="needs about 12 GiB of free memory")
 def test_more_than_2_to_the_31_elements():
     n = 2**31 + 1000
