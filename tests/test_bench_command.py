@@ -1,5 +1,6 @@
 """The main job, `fastrelu bench`, runs end to end (a short sweep) and reports what it promises;
 every bad option is refused on one line, with exit status 2, before anything is timed."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -76,7 +77,6 @@ def no_work(monkeypatch):
     (["--sizes", "1e3,1e3"], "size 1e3 given twice"),
     (["--sizes", "1e3,1000"], "1e3 and 1000 are the same size"),
     (["--sizes", "1e20"], "1e20 elements of float32 do not fit"),
-    (["--sizes", "1e20", "--ops", "relu"], "1e20 elements of float32 do not fit"),
     (["--sizes", "1234"], "1234 is not a multiple of 100, which prelu and relu_stats need"),
     (["--sizes", "1234", "--ops", "relu,prelu"], "1234 is not a multiple of 100, which prelu"),
     (["--ops", "gelu"], "unknown op 'gelu'; choose from relu, leaky_relu"),
@@ -145,7 +145,7 @@ def test_no_traceback_reaches_the_terminal(tmp_path):
                              capture_output=True, text=True, timeout=60, env=env)
         assert res.returncode == 2 and res.stdout == "", (args, res.stderr)
         assert res.stderr.count("\n") == 1 and "fastrelu bench: error: " in res.stderr, res.stderr
-    if "cupy" not in sys.modules:
+    if importlib.util.find_spec("cupy") is None:
         assert "CuPy is required for --device cuda" in res.stderr
 
 
