@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from fastrelu import _cpu
-from fastrelu.bench import Data, copy_impls, fastrelu_impls, numpy_impls, numpy_maximum_impls
+from fastrelu._report import Data, copy_impls, fastrelu_impls, maximum_impls, recipe_impls
+from fastrelu.bench import cpu_backend
 
 SIZES = {"1e3": 1_000, "1e5": 100_000, "1e6": 1_000_000, "stream": 2**26 // 1000 * 1000}
 OPS = ["relu", "leaky_relu", "prelu", "elu"]
@@ -23,7 +24,7 @@ def datasets(request):
     def get(size):
         if size not in cache:
             cache.clear()  # one STREAM-sized set at a time
-            cache[size] = Data(SIZES[size], np.dtype(request.param))
+            cache[size] = Data(SIZES[size], np.dtype(request.param), cpu_backend())
         return cache[size]
 
     return get
@@ -38,8 +39,8 @@ def test_op(benchmark, datasets, impl, op, direction, size):
     if impl == "copy":
         fn = copy_impls(d)[direction]
     else:
-        table = {"fastrelu": fastrelu_impls, "numpy": numpy_impls,
-                 "numpy-maximum": numpy_maximum_impls}[impl](d)
+        table = {"fastrelu": fastrelu_impls, "numpy": recipe_impls,
+                 "numpy-maximum": maximum_impls}[impl](d)
         if (op, direction) not in table:
             pytest.skip(f"{impl} has no {op} {direction}")
         fn = table[(op, direction)]
@@ -53,6 +54,6 @@ def test_op(benchmark, datasets, impl, op, direction, size):
 
 
 def test_threaded_copy_is_a_copy():
-    d = Data(100_000, np.float32)
+    d = Data(100_000, np.float32, cpu_backend())
     _cpu.copy(d.x, d.out)
     assert (d.out == d.x).all()

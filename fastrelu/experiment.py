@@ -11,17 +11,19 @@ too.
 Data: scikit-learn's bundled 8x8 digits by default (``pip install 'fastrelu[experiment]'``), or
 MNIST from its standard IDX files with ``--data DIR``.
 """
+import functools
 import gzip
-import json
+import math
 import os
 import statistics
 import struct
 import time
+import zlib
 
 import numpy as np
 
 from . import nn
-from .bench import Progress, pyplot
+from ._report import Progress, UsageError, check_outputs, entries, write_json
 from .monitor import DeadUnitTracker
 
 ACTIVATIONS = {
@@ -45,7 +47,7 @@ CONFIGS = {
 
 # ---- data ---------------------------------------------------------------------------------------
 
-class DataError(ValueError):
+class DataError(UsageError):
     """A missing or malformed data file."""
 
 
@@ -78,17 +80,19 @@ def read_idx(path):
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise DataError(f"{path}: corrupt gzip data ({exc})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
     ndim = raw[3]
     header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
+    if ndim == 0:
+        raise DataError(f"{path}: an IDX file of 0 dimensions")
+    if len(raw) < header:
         raise DataError(f"{path}: truncated IDX header")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     dtype = np.dtype(_IDX_TYPES[raw[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # in Python's integers, which do not overflow
     if len(raw) - header != expected:
         raise DataError(f"{path}: IDX header says {shape} of {dtype} ({expected} bytes), "
                         f"the file holds {len(raw) - header}")
@@ -106,21 +110,48 @@ def _find(directory, stem):
                     "and t10k-labels-idx1-ubyte")
 
 
+def read_split(directory, split):
+    """(images, labels) of one split's IDX files, checked: at least one image of at least one
+    pixel, finite pixels, one label per image, labels integers 0..9."""
+    images_path = _find(directory, f"{split}-images-idx3-ubyte")
+    labels_path = _find(directory, f"{split}-labels-idx1-ubyte")
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3:
+        raise DataError(f"{images_path}: {images.ndim} dimensions {images.shape}, not 3 "
+                        "(images, rows, columns)")
+    if len(images) == 0:
+        raise DataError(f"{images_path}: no images")
+    if 0 in images.shape:
+        raise DataError(f"{images_path}: images of {images.shape[1]}x{images.shape[2]} pixels")
+    if images.dtype.kind == "f" and not np.isfinite(images).all():
+        raise DataError(f"{images_path}: pixels that are NaN or infinite")
+    if labels.ndim != 1:
+        raise DataError(f"{labels_path}: {labels.ndim} dimensions {labels.shape}, not 1")
+    if len(labels) != len(images):
+        raise DataError(f"{labels_path}: {len(labels)} labels do not match the "
+                        f"{len(images)} images of {images_path}")
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{labels_path}: labels of type {labels.dtype}, not integers")
+    if labels.min() < 0 or labels.max() > 9:
+        raise DataError(f"{labels_path}: labels outside 0..9 (from {labels.min()} to "
+                        f"{labels.max()})")
+    return images, labels
+
+
 def load_mnist(directory):
     """MNIST from its four IDX files in `directory`, images scaled to [0, 1]."""
     if not os.path.isdir(directory):
-        raise DataError(f"{directory} is not a directory")
+        raise DataError(f"{directory!r} is not a directory")
+    if not os.access(directory, os.R_OK | os.X_OK):
+        raise DataError(f"{directory}: cannot read the directory")
     parts = []
     for split in ("train", "t10k"):
-        images = read_idx(_find(directory, f"{split}-images-idx3-ubyte"))
-        labels = read_idx(_find(directory, f"{split}-labels-idx1-ubyte"))
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise DataError(f"{directory}: {split} images {images.shape} and labels "
-                            f"{labels.shape} do not match")
-        if labels.size and (labels.min() < 0 or labels.max() > 9):
-            raise DataError(f"{directory}: {split} labels outside 0..9")
+        images, labels = read_split(directory, split)
         parts += [(images.reshape(len(images), -1) / 255.0).astype(np.float32),
                   labels.astype(np.int64)]
+    if parts[0].shape[1] != parts[2].shape[1]:
+        raise DataError(f"{directory}: test images of {parts[2].shape[1]} pixels, training "
+                        f"images of {parts[0].shape[1]}")
     return (*parts, f"MNIST ({parts[0].shape[1]} pixels)")
 
 
@@ -220,25 +251,26 @@ def format_dead(dead):
     return f"{min(values):.0%}..{max(values):.0%} (mean {statistics.mean(values):.1%})"
 
 
-def main(args):
+def prepare(args):
+    """Checks every option and loads the data (UsageError, DataError), and returns the run, which
+    nothing has started yet.  --seeds and --epochs, when given, win over what --quick picks."""
     quick = args.quick
-    seeds = args.seeds or (1 if quick else 5)
-    epochs = args.epochs or (3 if quick else 30)
-    batch = args.batch
-    configs = args.configs.split(",") if args.configs else list(CONFIGS)
-    activations = args.activations.split(",") if args.activations else list(ACTIVATIONS)
-    for name in configs:
-        if name not in CONFIGS:
-            raise SystemExit(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
-    for name in activations:
-        if name not in ACTIVATIONS:
-            raise SystemExit(f"unknown activation {name!r}; choose from {', '.join(ACTIVATIONS)}")
-    try:
-        *data, data_name = load_mnist(args.data) if args.data else load_digits()
-    except DataError as exc:
-        raise SystemExit(f"fastrelu experiment: {exc}") from None
-    if quick and args.data:  # a slice of MNIST keeps --quick quick
+    seeds = args.seeds if args.seeds is not None else (1 if quick else 5)
+    epochs = args.epochs if args.epochs is not None else (3 if quick else 30)
+    configs = entries("--configs", args.configs, "config", CONFIGS) \
+        if args.configs is not None else list(CONFIGS)
+    activations = entries("--activations", args.activations, "activation", ACTIVATIONS) \
+        if args.activations is not None else list(ACTIVATIONS)
+    plt = check_outputs(args.json, args.plot)
+    *data, data_name = load_mnist(args.data) if args.data is not None else load_digits()
+    if quick and args.data is not None:  # a slice of MNIST keeps --quick quick
         data = [data[0][:6000], data[1][:6000], data[2][:2000], data[3][:2000]]
+    return functools.partial(run, data, data_name, configs, activations, seeds=seeds,
+                             epochs=epochs, batch=args.batch, json_path=args.json,
+                             plot_path=args.plot, plt=plt)
+
+
+def run(data, data_name, configs, activations, seeds, epochs, batch, json_path, plot_path, plt):
     print(f"data: {data_name}, {len(data[1])} train / {len(data[3])} test; {seeds} seed(s), "
           f"{epochs} epochs, batch {batch}, SGD momentum 0.9")
 
@@ -274,22 +306,18 @@ def main(args):
         print(f"  {act:<17} fastrelu {t['fastrelu'] * 1e3:8.1f} ms   NumPy "
               f"{t['numpy'] * 1e3:8.1f} ms   {t['numpy'] / t['fastrelu']:.2f}x")
 
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"data": data_name, "seeds": seeds, "epochs": epochs, "batch": batch,
-                       "configs": {k: CONFIGS[k] for k in configs}, "results": results,
-                       "epoch_timing": {"config": timing_config, "seconds": kernel_timings}},
-                      f, indent=1)
-        print(f"\nwrote {args.json}")
-    if args.plot:
-        plot(results, args.plot)
+    if json_path is not None:
+        write_json(json_path, {"data": data_name, "seeds": seeds, "epochs": epochs,
+                               "batch": batch, "configs": {k: CONFIGS[k] for k in configs},
+                               "results": results,
+                               "epoch_timing": {"config": timing_config,
+                                                "seconds": kernel_timings}})
+    if plot_path is not None:
+        plot(plt, results, plot_path)
     return 0
 
 
-def plot(results, path):
-    plt = pyplot()
-    if plt is None:
-        return
+def plot(plt, results, path):
     configs = list(results)
     fig, axes = plt.subplots(2, len(configs), figsize=(5 * len(configs), 7.5), squeeze=False)
     for col, config in enumerate(configs):
