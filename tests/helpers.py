@@ -1,6 +1,7 @@
 """Helpers the tests share: the dtypes, the elementwise ops with their references, bitwise and
-ulp comparisons, and the edge values."""
+ulp comparisons, the edge values, and what a command's refusal looks like."""
 import numpy as np
+import pytest
 
 import fastrelu
 from fastrelu import reference
@@ -78,3 +79,29 @@ def edge_array(dtype):
     """Every edge value representable in dtype's range (overflowing ones become ±inf)."""
     with np.errstate(over="ignore"):
         return np.array(EDGE_VALUES, dtype=np.float64).astype(dtype)
+
+
+# ---- the commands --------------------------------------------------------------------------
+
+def forbid(monkeypatch, *targets):
+    """Makes a call of any (module, name) of `targets` fail the test."""
+    def started(*args, **kwargs):
+        raise AssertionError("work started")
+
+    for module, name in targets:
+        monkeypatch.setattr(module, name, started, raising=False)
+
+
+def refused(capsys, argv):
+    """main(argv)'s error line, after checking that it exited with status 2 and printed nothing
+    else: no traceback, no report."""
+    from fastrelu.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith(("fastrelu: error: ", f"fastrelu {argv[0]}: error: ")), err
+    return err

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from cli_helpers import forbid, refused
+from helpers import forbid, refused
 from fastrelu import experiment
 
 
