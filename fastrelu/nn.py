@@ -414,7 +414,7 @@ class LeakyReLU(_ScalarActivation):
     negative_slope >= 0, else its input."""
 
     name = "leaky_relu"
-    negative_slope = property(lambda self: self.param)
+    negative_slope = property(lambda self: self.param, doc="The slope for x <= 0 (= param).")
 
     def __init__(self, negative_slope=0.01, **kwargs):
         super().__init__("negative_slope", negative_slope, **kwargs)
@@ -442,7 +442,7 @@ class ELU(_ScalarActivation):
     with ReLU's gain."""
 
     name = "elu"
-    alpha = property(lambda self: self.param)
+    alpha = property(lambda self: self.param, doc="The scale of expm1(x) for x <= 0 (= param).")
 
     def __init__(self, alpha=1.0, **kwargs):
         super().__init__("alpha", alpha, **kwargs)
@@ -583,8 +583,8 @@ class Linear(_Layer):
         return y, y_free, (x, None)
 
     def _run_backward(self, grad, writable, saved):
-        x, y = saved
-        if self.fused:
+        x, y = saved  # y is kept by the fused forward only
+        if y is not None:
             dz, db = self._fused_backward(grad, y, writable)
         else:
             dz = grad if self.activation is None else self.activation._backward(grad, writable)
@@ -740,15 +740,15 @@ class _Optimizer:
             raise ValueError("parameters lists a Parameter twice")
         self.lr = _hyperparameter("lr", lr, lambda v: v > 0, "> 0")
         largest = max(p.value.size for p in self.parameters)
-        self._scratch = {p.value.dtype: np.empty(largest, p.value.dtype)
-                         for p in self.parameters}
+        flat = {p.value.dtype: np.empty(largest, p.value.dtype) for p in self.parameters}
+        self._scratch = [flat[p.value.dtype][:p.value.size].reshape(p.value.shape)
+                         for p in self.parameters]
 
     def step(self):
         """Updates every parameter from its gradient, then sets the gradients to zero."""
-        for i, p in enumerate(self.parameters):
-            scratch = self._scratch[p.value.dtype][:p.value.size].reshape(p.value.shape)
+        for i, (p, scratch) in enumerate(zip(self.parameters, self._scratch)):
             self._update(i, p, scratch)
-            p.grad[...] = 0
+            p.grad.fill(0)
 
     def _update(self, i, p, scratch):
         raise NotImplementedError
