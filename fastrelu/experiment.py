@@ -169,11 +169,9 @@ def build(config, activation, n_in, n_out, seed, kernels="fastrelu"):
 
 
 def run_epoch(model, loss, opt, x, y, batch, rng, tracker=None):
-    order = rng.permutation(len(y))
     total = 0.0
-    for start in range(0, len(y), batch):
-        idx = order[start:start + batch]
-        total += loss.forward(model.forward(x[idx]), y[idx]) * len(idx)
+    for xb, yb in nn.batches(x, y, batch, seed=rng):
+        total += loss.forward(model.forward(xb), yb) * len(yb)
         model.backward(loss.backward())
         opt.step()
         if tracker is not None:
@@ -183,7 +181,12 @@ def run_epoch(model, loss, opt, x, y, batch, rng, tracker=None):
 
 
 def accuracy(model, x, y):
-    return float((model.forward(x.copy()).argmax(axis=1) == y).mean())
+    """Test accuracy, in eval mode: nothing cached for a backward, training statistics kept."""
+    model.eval()
+    try:
+        return float((model.forward(x).argmax(axis=1) == y).mean())
+    finally:
+        model.train()
 
 
 def train(config, activation, data, seed, epochs, batch):

@@ -34,7 +34,6 @@ timing what the fused kernels save inside a trainer.
 ...     model.backward(loss.backward()); opt.step()
 """
 import math
-import numbers
 import os
 from collections.abc import Mapping
 
@@ -58,18 +57,11 @@ def _check_kernels(kernels):
     return kernels
 
 
-def _bool(name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, not {type(value).__name__}")
-    return bool(value)
-
-
 def _positive_int(name, value):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive integer, not {type(value).__name__}")
+    value = _api._integer(name, value)
     if value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value}")
-    return int(value)
+    return value
 
 
 def _hyperparameter(name, value, valid, requirement):
@@ -156,7 +148,7 @@ class _Layer:
     def __init__(self, dtype, inplace):
         self.dtype = _dtype(dtype)
         self._dtype_given = self.dtype is not None
-        self.inplace = _bool("inplace", inplace)
+        self.inplace = _api._flag("inplace", inplace)
         self.training = True
         self._stats_in_eval = False
         self._cache = None  # (output shape, output dtype, saved) of the last training forward
@@ -245,7 +237,7 @@ class _Layer:
     def train(self, mode=True):
         """Training mode (the default): forward keeps what backward needs and activations with
         ``track_stats`` record their stats.  Returns the layer."""
-        mode = _bool("mode", mode)
+        mode = _api._flag("mode", mode)
         for _, layer in self._walk():
             layer.training, layer._stats_in_eval = mode, False
         return self
@@ -254,7 +246,7 @@ class _Layer:
         """Evaluation mode: forward keeps nothing, and what the last training forward kept (for
         backward) and each activation's ``stats`` are left alone; with ``track_stats=True`` the
         activations that track stats still record them.  Returns the layer."""
-        track_stats = _bool("track_stats", track_stats)
+        track_stats = _api._flag("track_stats", track_stats)
         self.train(False)
         for _, layer in self._walk():
             layer._stats_in_eval = track_stats
@@ -313,7 +305,7 @@ class _Activation(_Layer):
 
     def __init__(self, *, dtype=None, inplace=False, track_stats=False, kernels="fastrelu"):
         super().__init__(dtype, inplace)
-        self.track_stats = _bool("track_stats", track_stats)
+        self.track_stats = _api._flag("track_stats", track_stats)
         self.kernels = _check_kernels(kernels)
         self.stats = None
 
@@ -673,7 +665,7 @@ class Sequential(_Layer):
     def track_stats(self, on=True):
         """Sets every activation's ``track_stats``: record :class:`ActivationStats` in its
         ``stats`` on each training forward."""
-        on = _bool("on", on)
+        on = _api._flag("on", on)
         for _, act in self.activations():
             act.track_stats = on
 
@@ -768,7 +760,7 @@ class SGD(_Optimizer):
                                          "in [0, 1]")
         self.weight_decay = _hyperparameter("weight_decay", weight_decay, lambda v: v >= 0,
                                             ">= 0")
-        self.nesterov = _bool("nesterov", nesterov)
+        self.nesterov = _api._flag("nesterov", nesterov)
         if self.nesterov and (self.momentum == 0 or self.dampening != 0):
             raise ValueError("nesterov needs momentum > 0 and dampening = 0")
         self._momentum_buffers = [None] * len(self.parameters)
@@ -863,7 +855,7 @@ def batches(X, y, size, shuffle=True, seed=None):
         raise ValueError(f"X has {len(X)} rows but y has {len(y)}")
     size = _positive_int("size", size)
     starts = range(0, len(X), size)
-    if _bool("shuffle", shuffle):
+    if _api._flag("shuffle", shuffle):
         order = _generator("seed", seed).permutation(len(X))
         chunks = (order[start:start + size] for start in starts)
     else:
