@@ -303,32 +303,79 @@ def copy(cnp.ndarray src not None, cnp.ndarray dst not None):
     _run(FR_COPY, False, None, src, dst, 0.0, None, None, None, None)
 
 
-cdef tuple _fortran_as_c(arrays, axis):
-    """Fortran-ordered operands are run as their C-ordered transposes (no copy)."""
-    cdef list flipped = []
-    for a in arrays:
-        flipped.append(None if a is None else a.T)
-    if axis is not None:
-        axis = arrays[0].ndim - 1 - axis
-    return flipped, axis
+cdef object _dense_order(a):
+    """The axes of `a`, outermost first, in which its elements are one C-contiguous block (its
+    strides are a permutation of a contiguous layout's: C and Fortran order, channels-last,
+    any transpose), or None when they are not (gaps, overlaps, negative strides, or empty)."""
+    if a is None:
+        return None
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    cdef int nd = cnp.PyArray_NDIM(arr), i, j, d, n = 0
+    cdef cnp.npy_intp *shape = cnp.PyArray_DIMS(arr)
+    cdef cnp.npy_intp *strides = cnp.PyArray_STRIDES(arr)
+    cdef cnp.npy_intp step = cnp.PyArray_ITEMSIZE(arr)
+    cdef int order[cnp.NPY_MAXDIMS]
+    cdef int longer[cnp.NPY_MAXDIMS]  # the axes of more than one element, largest stride first
+    if cnp.PyArray_SIZE(arr) == 0:
+        return None
+    for d in range(nd):
+        if shape[d] > 1:
+            j = n
+            while j > 0 and strides[longer[j - 1]] < strides[d]:
+                longer[j] = longer[j - 1]
+                j -= 1
+            longer[j] = d
+            n += 1
+    j = 0
+    for i in range(nd):  # size-1 axes keep their places (a C array's order stays the identity)
+        if shape[i] > 1:
+            order[i] = longer[j]
+            j += 1
+        else:
+            order[i] = i
+    for i in range(nd - 1, -1, -1):
+        d = order[i]
+        if shape[d] > 1:
+            if strides[d] != step:
+                return None
+            step *= shape[d]
+    return tuple([order[i] for i in range(nd)])
 
 
-cdef bint _all_fortran(tuple arrays):
-    """True when every array given is Fortran-ordered and not also C-ordered."""
-    for a in arrays:
-        if a is not None and not (cnp.PyArray_IS_F_CONTIGUOUS(a)
-                                  and not cnp.PyArray_IS_C_CONTIGUOUS(a)):
-            return False
-    return True
+cdef object _memory_order(x, out):
+    """The axis order every operand is laid out in for the kernel: x's when x is dense, else
+    out's when out is, else None (C order).  Results then keep x's layout (NumPy's order='K');
+    operands in another layout are copied into it, and an `out` in another layout is filled from
+    a result in it."""
+    order = _dense_order(x)
+    if order is None:
+        order = _dense_order(out)
+    if order is None or order == tuple(range(len(order))):
+        return None
+    return order
+
+
+cdef object _permuted(a, order):
+    return None if a is None or order is None else (<cnp.ndarray>a).transpose(order)
+
+
+cdef object _inverse(order):
+    inverse = [0] * len(order)
+    for i, d in enumerate(order):
+        inverse[d] = i
+    return inverse
 
 
 def forward(int op, cnp.ndarray x not None, out, double p, weight, axis, bint want_counts,
             bias=None):
-    """y = op(x (+ bias)) into `out` (or a new array).  Returns (y, int64 positives of x (+ bias)
-    per channel along `axis`, or None).  `weight`, `bias`: one value per channel along `axis`."""
-    cdef bint transposed = cnp.PyArray_NDIM(x) > 1 and _all_fortran((x, out))
-    if transposed:
-        (x, out), axis = _fortran_as_c((x, out), axis)
+    """y = op(x (+ bias)) into `out` (or a new array in x's memory layout).  Returns (y, int64
+    positives of x (+ bias) per channel along `axis`, or None).  `weight`, `bias`: one value per
+    channel along `axis`.  Dense arrays of any axis order run in place (see _memory_order)."""
+    given_out = out
+    order = _memory_order(x, out)
+    if order is not None:
+        x, out = _permuted(x, order), _permuted(out, order)
+        axis = None if axis is None else order.index(axis)
     cdef cnp.ndarray xc = _contiguous(x)
     cdef cnp.ndarray y = _target(xc, out)
     counts = np.empty(xc.shape[axis] if axis is not None else 1, np.int64) if want_counts else None
@@ -336,7 +383,9 @@ def forward(int op, cnp.ndarray x not None, out, double p, weight, axis, bint wa
     if out is not None and y is not out:
         np.copyto(out, y)
         y = out
-    return (y.T if transposed else y), counts
+    if given_out is not None:
+        return given_out, counts
+    return (y if order is None else y.transpose(_inverse(order))), counts
 
 
 def backward(int op, cnp.ndarray grad not None, cnp.ndarray x not None, out, double p, weight,
@@ -344,9 +393,11 @@ def backward(int op, cnp.ndarray grad not None, cnp.ndarray x not None, out, dou
     """dx into `out` (or a new array).  `weight`: one per channel along `axis` (or None: p).  With
     `param_grad` (C elements of x's dtype), the per-channel sums selected by `sum` (SUM_WEIGHT:
     PReLU's weight gradient, SUM_GRAD: a bias's) go there."""
-    cdef bint transposed = cnp.PyArray_NDIM(x) > 1 and _all_fortran((x, grad, out))
-    if transposed:
-        (x, grad, out), axis = _fortran_as_c((x, grad, out), axis)
+    given_out = out
+    order = _memory_order(x, out)
+    if order is not None:
+        x, grad, out = _permuted(x, order), _permuted(grad, order), _permuted(out, order)
+        axis = None if axis is None else order.index(axis)
     cdef cnp.ndarray xc = _contiguous(x)
     cdef cnp.ndarray gc = _contiguous(grad)
     cdef cnp.ndarray dx = _target(xc, out)
@@ -359,4 +410,6 @@ def backward(int op, cnp.ndarray grad not None, cnp.ndarray x not None, out, dou
     if out is not None and dx is not out:
         np.copyto(out, dx)
         dx = out
-    return dx.T if transposed else dx
+    if given_out is not None:
+        return given_out
+    return dx if order is None else dx.transpose(_inverse(order))
