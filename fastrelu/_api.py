@@ -27,14 +27,17 @@ _MIN_FLOAT = -_MAX_FLOAT
 
 
 def _array_dtype(name, a):
-    """The (native) float dtype of an array argument, or TypeError naming it."""
+    """The (native) float dtype of an array argument, or TypeError naming it: float16, float32,
+    float64, or ml_dtypes' bfloat16."""
     dt = a.dtype
     if dt.kind == "f" and dt.char in _FLOAT_DTYPES:
         return _FLOAT_DTYPES[dt.char]
+    if dt.kind == "V" and _cpu.is_bfloat16(dt):
+        return dt
     if dt.kind in "biuf":
         raise TypeError(
-            f"{name} has dtype {dt}; fastrelu computes in float16, float32 or float64: "
-            f"cast it first, e.g. {name}.astype(np.float32)"
+            f"{name} has dtype {dt}; fastrelu computes in float16, bfloat16, float32 or "
+            f"float64: cast it first, e.g. {name}.astype(np.float32)"
         )
     raise TypeError(f"{name} has dtype {dt}, which is not a real floating-point type")
 
@@ -110,7 +113,7 @@ def _check_out(name, out, shape, dtype, inputs):
             raise TypeError(f"{name} must be a NumPy array, not {type(out).__name__}")
         _refuse_masked(name, out)
         view, readonly = out, not out.flags.writeable
-    if view.dtype.char != dtype.char or view.dtype.kind != "f":
+    if view.dtype.newbyteorder("=") != dtype:
         raise TypeError(f"{name} has dtype {view.dtype} but the result has dtype {dtype}")
     if view.shape != shape:
         raise ValueError(f"{name} has shape {view.shape} but the result has shape {shape}")
@@ -180,6 +183,9 @@ def _device_arrays(named):
         views.append(view)
     if dtype is None:
         raise TypeError("no CUDA array among the arguments")
+    if dtype.kind == "V":
+        raise TypeError("bfloat16 CUDA arrays are not supported yet: the GPU kernels compute "
+                        "float16, float32 and float64")
     check_device_arrays([(name, v) for (name, _), v in zip(named, views)])
     for i, (name, value) in enumerate(named):
         if views[i] is None:

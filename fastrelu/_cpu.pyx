@@ -20,7 +20,7 @@ from libc.stdint cimport int64_t
 cnp.import_array()
 
 cdef extern from "numpy/ndarraytypes.h":
-    enum: NPY_HALF  # not in Cython's numpy declarations
+    enum: NPY_HALF, NPY_USERDEF  # not in Cython's numpy declarations
 
 cdef extern from "_kernels.h" nogil:
     ctypedef struct fr_job:
@@ -43,7 +43,7 @@ cdef extern from "_kernels.h" nogil:
     void fr_set_num_threads(int n)
     int fr_thread_cap()
     int FR_ISA_BASELINE, FR_ISA_AVX2, FR_ISA_AVX512
-    int FR_F16, FR_F32, FR_F64
+    int FR_F16, FR_F32, FR_F64, FR_BF16
     int FR_RELU, FR_LEAKY, FR_ELU, FR_COPY, FR_ELU_FROM_Y
     int FR_COUNT, FR_BIAS, FR_WEIGHT
     int FR_SUM_NONE, FR_SUM_WEIGHT, FR_SUM_GRAD
@@ -97,9 +97,24 @@ cdef inline char *_data(cnp.ndarray a):
     return <char *>cnp.PyArray_DATA(a)
 
 
+cdef int _bfloat16_num = -1  # ml_dtypes.bfloat16's type number, once an array of it is seen
+
+
+def is_bfloat16(dt):
+    """dt is ml_dtypes' bfloat16 (told without importing ml_dtypes)."""
+    global _bfloat16_num
+    if dt.num == _bfloat16_num:
+        return True
+    if dt.kind == "V" and dt.name == "bfloat16" and dt.type.__module__.startswith("ml_dtypes"):
+        _bfloat16_num = dt.num
+        return True
+    return False
+
+
 cdef inline int _dtype_code(cnp.ndarray a):
     cdef int t = cnp.PyArray_TYPE(a)
-    return FR_F64 if t == cnp.NPY_DOUBLE else FR_F32 if t == cnp.NPY_FLOAT else FR_F16
+    return (FR_F64 if t == cnp.NPY_DOUBLE else FR_F32 if t == cnp.NPY_FLOAT
+            else FR_F16 if t == NPY_HALF else FR_BF16)
 
 
 cdef void _extent(cnp.ndarray a, Py_ssize_t *lo, Py_ssize_t *hi):
@@ -123,7 +138,8 @@ cdef inline bint _plain_float(a, int typenum, int ndim, cnp.npy_intp *dims):
         return False
     cdef cnp.ndarray arr = <cnp.ndarray>a
     cdef int t = cnp.PyArray_TYPE(arr)
-    if not (t == cnp.NPY_FLOAT or t == cnp.NPY_DOUBLE or t == NPY_HALF):
+    if not (t == cnp.NPY_FLOAT or t == cnp.NPY_DOUBLE or t == NPY_HALF or
+            (t >= NPY_USERDEF and is_bfloat16(arr.dtype))):
         return False
     if (typenum >= 0 and t != typenum) or not cnp.PyArray_ISNOTSWAPPED(arr):
         return False

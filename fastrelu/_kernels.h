@@ -10,8 +10,8 @@
  * output, and adds the per-thread partial sums in a fixed order (results do not depend on which
  * thread ran first).
  *
- * float16 is staged through small float32 buffers (it is computed in float32), so each op's loop
- * exists only for float and double; outputs of 64 MiB and more are staged too, and written with
+ * float16 and bfloat16 are staged through small float32 buffers (they are computed in float32), so
+ * each op's loop exists only for float and double; outputs of 64 MiB and more are staged too, and written with
  * non-temporal stores.
  */
 #ifndef FASTRELU_KERNELS_H
@@ -39,10 +39,12 @@
 #define FR_CAT_(a, b) a##b
 #define FR_CAT(a, b) FR_CAT_(a, b)
 #define FR_INLINE inline __attribute__((always_inline))
+/* a float's bits, read or written in place of the float (the type may alias it) */
+typedef uint32_t __attribute__((may_alias)) fr_bits32;
 
 /* The constants every backend shares, defined here only: fastrelu._cpu exports them to Python
  * (the argument checks and the GPU kernels use those). */
-enum { FR_F16 = 0, FR_F32 = 1, FR_F64 = 2 };
+enum { FR_F16 = 0, FR_F32 = 1, FR_F64 = 2, FR_BF16 = 3 };
 /* FR_COPY is the benchmarks' roofline; FR_ELU_FROM_Y is ELU's backward given its output y. */
 enum { FR_RELU = 0, FR_LEAKY = 1, FR_ELU = 2, FR_COPY = 3, FR_ELU_FROM_Y = 4, FR_NOPS = 5 };
 /* forward flags; FR_WEIGHT (per-channel weights) is a flag of the GPU kernels only: here a
@@ -147,6 +149,8 @@ typedef struct {
     fr_loops f32, f64;
     void (*half_to_float)(const void *src, float *dst, ptrdiff_t n);
     void (*float_to_half)(const float *src, void *dst, ptrdiff_t n);
+    void (*bf16_to_float)(const void *src, float *dst, ptrdiff_t n);
+    void (*float_to_bf16)(const float *src, void *dst, ptrdiff_t n);
     void (*stream_copy)(char *dst, const char *src, size_t nbytes);
 } fr_isa;
 
@@ -244,11 +248,13 @@ static void fr_stream_copy_baseline(char *dst, const char *src, size_t nbytes) {
 enum { FR_ISA_BASELINE = 0, FR_ISA_AVX2 = 1, FR_ISA_AVX512 = 2 };
 static const fr_isa fr_isas[3] = {
     {"baseline", loops_f32_baseline, loops_f64_baseline, fr_half_to_float_baseline,
-     fr_float_to_half_baseline, fr_stream_copy_baseline},
+     fr_float_to_half_baseline, fr_bf16_to_float_baseline, fr_float_to_bf16_baseline,
+     fr_stream_copy_baseline},
     {"avx2", loops_f32_avx2, loops_f64_avx2, fr_half_to_float_avx2, fr_float_to_half_avx2,
-     fr_stream_copy_avx2},
+     fr_bf16_to_float_avx2, fr_float_to_bf16_avx2, fr_stream_copy_avx2},
     {"avx512", loops_f32_avx512, loops_f64_avx512, fr_half_to_float_avx512,
-     fr_float_to_half_avx512, fr_stream_copy_avx512},
+     fr_float_to_half_avx512, fr_bf16_to_float_avx512, fr_float_to_bf16_avx512,
+     fr_stream_copy_avx512},
 };
 static const fr_isa *fr_isa_in_use = &fr_isas[FR_ISA_BASELINE];
 
@@ -384,7 +390,7 @@ static void fr_share(ptrdiff_t n, int t, int nt, ptrdiff_t *a, ptrdiff_t *b) {
 
 #define FR_STAGE 1024 /* elements per staged step (float16, streamed outputs): buffers in L1 */
 
-static size_t fr_itemsize(int dt) { return dt == FR_F16 ? 2 : dt == FR_F32 ? 4 : 8; }
+static size_t fr_itemsize(int dt) { return dt == FR_F16 || dt == FR_BF16 ? 2 : dt == FR_F32 ? 4 : 8; }
 
 /* Element c of parameters in the compute type: float, or double for float64. */
 static double fr_param(int dt, const void *pw, ptrdiff_t c) {
@@ -397,7 +403,10 @@ static void fr_store(int dt, void *a, ptrdiff_t c, double v) {
         ((double *)a)[c] = v;
     else if (dt == FR_F32)
         ((float *)a)[c] = (float)v;
-    else
+    else if (dt == FR_BF16) { /* through float32, as the sums of bfloat16 data are kept */
+        const float f = (float)v;
+        fr_float_to_bf16_baseline(&f, (uint16_t *)a + c, 1);
+    } else
         ((_Float16 *)a)[c] = (_Float16)v;
 }
 
@@ -458,7 +467,12 @@ static fr_sum fr_run_stretch(const fr_job *job, ptrdiff_t at, ptrdiff_t n, doubl
                              int want_sum, void *row_sums) {
     const fr_isa *isa = fr_isa_in_use;
     const size_t isz = fr_itemsize(job->dt);
-    const int half = job->dt == FR_F16;
+    /* float16 and bfloat16 are computed in float32, converted in stages */
+    const int half = job->dt == FR_F16 || job->dt == FR_BF16;
+    void (*to_float)(const void *, float *, ptrdiff_t) =
+        job->dt == FR_BF16 ? isa->bf16_to_float : isa->half_to_float;
+    void (*from_float)(const float *, void *, ptrdiff_t) =
+        job->dt == FR_BF16 ? isa->float_to_bf16 : isa->float_to_half;
     const fr_loops *loops = job->dt == FR_F64 ? &isa->f64 : &isa->f32;
     const char *g = job->g ? job->g + at * isz : NULL, *x = job->x + at * isz;
     char *y = job->y + at * isz;
@@ -480,8 +494,8 @@ static fr_sum fr_run_stretch(const fr_job *job, ptrdiff_t at, ptrdiff_t n, doubl
         char *ystage = ybuf + ((uintptr_t)(y + s * isz) & 63);
         void *ys = job->stream ? (void *)ystage : (void *)(y + s * isz);
         if (half) {
-            if (g) isa->half_to_float(gs, gbuf, m);
-            isa->half_to_float(xs, xbuf, m);
+            if (g) to_float(gs, gbuf, m);
+            to_float(xs, xbuf, m);
             gs = gbuf, xs = xbuf;
         }
         fr_sum r = fr_run_native(job, loops, gs, xs, half ? xbuf : ys, m, p, b,
@@ -490,7 +504,7 @@ static fr_sum fr_run_stretch(const fr_job *job, ptrdiff_t at, ptrdiff_t n, doubl
             total.wsum += r.wsum;
         else
             total.count += r.count;
-        if (half) isa->float_to_half(xbuf, ys, m);
+        if (half) from_float(xbuf, ys, m);
         if (job->stream) isa->stream_copy(y + s * isz, ystage, (size_t)m * isz);
     }
     return total;

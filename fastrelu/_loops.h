@@ -12,6 +12,25 @@
  */
 #ifndef FR_T
 
+/* bfloat16 is the top half of a float32: widening shifts the bits up; narrowing rounds to nearest
+ * even (adding 0x7FFF plus the lowest kept bit carries exactly when the dropped half is more than
+ * half way, or half way with an odd kept half), and a NaN stays a NaN (quieted, sign kept).
+ * Plain loops: the target of the including ISA vectorizes them. */
+static void FR_CAT(fr_bf16_to_float_, FR_ISA)(const void *src, float *dst, ptrdiff_t n) {
+    const uint16_t *s = src;
+    fr_bits32 *d = (fr_bits32 *)dst;
+    for (ptrdiff_t i = 0; i < n; i++) d[i] = (uint32_t)s[i] << 16;
+}
+static void FR_CAT(fr_float_to_bf16_, FR_ISA)(const float *src, void *dst, ptrdiff_t n) {
+    const fr_bits32 *s = (const fr_bits32 *)src;
+    uint16_t *d = dst;
+    for (ptrdiff_t i = 0; i < n; i++) {
+        const uint32_t u = s[i];
+        const int nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+        d[i] = (uint16_t)(nan ? (u >> 16) | 0x0040u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+
 #define FR_T float
 #define FR_SFX FR_CAT(_f32_, FR_ISA)
 #define FR_EXPM1 fr_expm1f

@@ -2,7 +2,7 @@
 
 Each is written straight from the contract (conditions evaluated exactly as written, so NaN,
 signed zeros and infinities follow from them), the way people write these ops in NumPy today.
-float16 is computed in float32, like the kernels.  No validation: pass NumPy float arrays.
+float16 and bfloat16 are computed in float32, like the kernels.  No validation: pass NumPy float arrays.
 """
 import functools
 
@@ -21,7 +21,8 @@ def _quiet(op):
 
 
 def _compute_dtype(x):
-    return np.float32 if x.dtype == np.float16 else x.dtype.type
+    """float16 and bfloat16 (ml_dtypes) are computed in float32."""
+    return np.float32 if x.dtype.itemsize == 2 else x.dtype.type
 
 
 def _channel_shape(weight, x, axis):
