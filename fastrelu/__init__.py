@@ -14,6 +14,7 @@ except ImportError as _exc:
 from ._api import (
     bias_activation,
     bias_activation_backward,
+    bias_prelu_backward,
     elu,
     elu_backward,
     leaky_relu,
@@ -39,6 +40,7 @@ __all__ = [
     "elu_backward",
     "bias_activation",
     "bias_activation_backward",
+    "bias_prelu_backward",
     "ActivationStats",
     "DeadUnitTracker",
     "get_num_threads",

@@ -8,7 +8,7 @@ import operator
 import numpy as np
 
 from . import _cpu
-from ._cpu import ELU, ELU_FROM_Y, LEAKY, RELU, SUM_GRAD, SUM_WEIGHT
+from ._cpu import ELU, ELU_FROM_Y, LEAKY, RELU, SUM_BIAS_WEIGHT, SUM_GRAD, SUM_WEIGHT
 from ._cuda_arrays import DeviceView, check_device_arrays, is_device
 from .monitor import ActivationStats
 
@@ -502,15 +502,18 @@ for _op in (relu, leaky_relu, prelu, elu, relu_backward, leaky_relu_backward, pr
 
 # ---- fused bias + activation --------------------------------------------------------------------
 
-# name -> (forward op, backward op given the output y, parameter's name and default)
+# name -> (forward op, backward op given the output y, parameter's name and default); PReLU's
+# parameter is its weight array, and its backward needs the input (bias_prelu_backward)
 _ACTIVATIONS = {
     "relu": (RELU, RELU, None, 0.0),
     "leaky_relu": (LEAKY, LEAKY, "negative_slope", 0.01),
     "elu": (ELU, ELU_FROM_Y, "alpha", 1.0),
+    "prelu": (LEAKY, None, "weight", None),
 }
 
 
 def _activation(activation, param):
+    """(forward op, backward op, scalar parameter, PReLU weight or None)."""
     if not isinstance(activation, str):
         raise TypeError(f"activation must be a string, one of {', '.join(_ACTIVATIONS)}, "
                         f"not {type(activation).__name__}")
@@ -521,8 +524,12 @@ def _activation(activation, param):
     if name is None:
         if param is not None:
             raise TypeError("relu takes no parameter")
-        return fwd, bwd, 0.0
-    return fwd, bwd, default if param is None else _real(name, param)
+        return fwd, bwd, 0.0, None
+    if bwd is None:
+        if param is None:
+            raise TypeError("prelu needs its weight as param: shape (), (1,) or (C,)")
+        return fwd, bwd, 0.0, param
+    return fwd, bwd, default if param is None else _real(name, param), None
 
 
 def _bias_axis(bias, shape, axis):
@@ -539,10 +546,12 @@ def bias_activation(x, bias, activation="relu", param=None, axis=1, *, out=None,
                     stream=None):
     """``act(x + bias[u])`` in one pass, u the index along `axis` (the features of an (N, F)
     batch, the channels of NCHW data).  `activation` is "relu", "leaky_relu" (param:
-    negative_slope, default 0.01) or "elu" (param: alpha, default 1.0).  With ``stats=True``
-    returns ``(y, ActivationStats)`` counting the positive ``x + bias`` per unit."""
-    op, _, p = _activation(activation, param)
-    return _forward(op, x, out, p, None, axis, stats, stream, _required("bias", bias))
+    negative_slope, default 0.01), "elu" (param: alpha, default 1.0) or "prelu" (param: the
+    weight, one per unit along `axis` or one shared; its backward is bias_prelu_backward).  With
+    ``stats=True`` returns ``(y, ActivationStats)`` counting the positive ``x + bias`` per
+    unit."""
+    op, _, p, weight = _activation(activation, param)
+    return _forward(op, x, out, p, weight, axis, stats, stream, _required("bias", bias))
 
 
 def bias_activation_backward(grad, y, activation="relu", param=None, axis=1, *, out=None,
@@ -552,9 +561,63 @@ def bias_activation_backward(grad, y, activation="relu", param=None, axis=1, *, 
     Needs a parameter >= 0, so that y tells the sign of x + bias (ELU uses
     ``grad * (y + alpha)``).  `out` is a pair ``(grad_input_out, grad_bias_out)``; either may be
     None."""
-    _, op, p = _activation(activation, param)
+    _, op, p, _ = _activation(activation, param)
+    if op is None:
+        raise ValueError("PReLU's weight gradient needs its input, which the output does not "
+                         "give: use bias_prelu_backward(grad, x, bias, weight, axis)")
     if p < 0:
         raise ValueError(f"the backward from the output needs {activation}'s parameter >= 0, "
                          f"got {p}")
     out0, out1 = _out_pair(out)
     return _backward(op, grad, y, out0, p, None, axis, out1, stream, bias_grad=True, x_name="y")
+
+
+def _out_triple(out):
+    if out is None:
+        return None, None, None
+    if not (isinstance(out, (tuple, list)) and len(out) == 3):
+        raise TypeError("out must be a triple (grad_input_out, grad_bias_out, grad_weight_out); "
+                        "any may be None")
+    return tuple(out)
+
+
+def bias_prelu_backward(grad, x, bias, weight, axis=1, *, out=None, stream=None):
+    """Gradients of ``bias_activation(x, bias, "prelu", weight, axis)`` in one pass over the data:
+    returns ``(grad_input, grad_bias, grad_weight)``.  With ``z = x + bias[u]``:
+    ``grad_input = z > 0 ? grad : weight[u] * grad`` (also the gradient of z), ``grad_bias[u]``
+    sums it over unit u, and ``grad_weight`` sums ``z > 0 ? 0 : z * grad`` per unit (or over all,
+    for a shared weight), both in float64 and rounded once.  `weight` has one value per unit
+    along `axis`, or one shared.  `out` is a triple of outputs; any may be None.  CPU only."""
+    out0, out_bias, out_weight = _out_triple(out)
+    axis = _integer("axis", axis)
+    named = [("grad", grad), ("x", x), ("bias", _required("bias", bias)),
+             ("weight", _required("weight", weight))]
+    if any(is_device(v) for _, v, in named) or any(is_device(v) for v in (out0, out_bias,
+                                                                         out_weight)):
+        raise TypeError("bias_prelu_backward runs on the CPU only: pass NumPy arrays")
+    if stream is not None:
+        raise TypeError("stream= applies to CUDA arrays only")
+    arrays, dtype = _host_arrays(named)
+    grad, x, bias, weight = arrays
+    if grad.shape != x.shape:
+        raise ValueError(f"grad has shape {grad.shape} but x has shape {x.shape}")
+    unit_axis = _bias_axis(bias, x.shape, axis)
+    weight_axis = _prelu_weight(weight, x.shape, axis)
+    inputs = list(zip(("grad", "x", "bias", "weight"), arrays))
+    if out0 is not None:
+        _check_out("out[0]", out0, x.shape, dtype, inputs)
+    param_outs = [o for o in (("out[1]", out_bias, bias.shape), ("out[2]", out_weight,
+                                                                  weight.shape))
+                  if o[1] is not None]
+    for name, value, shape in param_outs:
+        _check_out(name, value, shape, dtype, inputs)
+        for other_name, other in [("out[0]", out0)] + [(n, v) for n, v, _ in param_outs]:
+            if other is not None and other is not value and _memory_overlap(value, other):
+                raise ValueError(f"{name} and {other_name} overlap")
+    grad_bias = np.empty(bias.shape, dtype) if out_bias is None else out_bias
+    grad_weight = np.empty(weight.shape, dtype) if out_weight is None else out_weight
+    shared = weight_axis is None
+    dx = _cpu.backward(LEAKY, grad, x, out0, float(weight.reshape(-1)[0]) if shared else 0.0,
+                       weight=None if shared else weight, axis=unit_axis, param_grad=grad_weight,
+                       sum=SUM_BIAS_WEIGHT, bias=bias, bias_grad=grad_bias)
+    return dx, grad_bias, grad_weight

@@ -35,6 +35,7 @@ cdef extern from "_kernels.h" nogil:
         int64_t *counts
         int sum
         void *param_grad
+        void *bias_grad
     int fr_run(fr_job *job)
     void fr_init_threads()
     int fr_select_isa(int cap)
@@ -46,7 +47,7 @@ cdef extern from "_kernels.h" nogil:
     int FR_F16, FR_F32, FR_F64, FR_BF16
     int FR_RELU, FR_LEAKY, FR_ELU, FR_COPY, FR_ELU_FROM_Y
     int FR_COUNT, FR_BIAS, FR_WEIGHT
-    int FR_SUM_NONE, FR_SUM_WEIGHT, FR_SUM_GRAD
+    int FR_SUM_NONE, FR_SUM_WEIGHT, FR_SUM_GRAD, FR_SUM_BIAS_WEIGHT
     int FR_THREADS_PER_CPU
     Py_ssize_t FR_PARALLEL_MIN_ELEMENTS
 
@@ -54,7 +55,9 @@ cdef extern from "_kernels.h" nogil:
 # op codes; PReLU is LEAKY with per-channel slopes
 RELU, LEAKY, ELU, COPY, ELU_FROM_Y = FR_RELU, FR_LEAKY, FR_ELU, FR_COPY, FR_ELU_FROM_Y
 COUNT, BIAS, WEIGHT = FR_COUNT, FR_BIAS, FR_WEIGHT  # forward flags (WEIGHT: the GPU's only)
-SUM_NONE, SUM_WEIGHT, SUM_GRAD = FR_SUM_NONE, FR_SUM_WEIGHT, FR_SUM_GRAD  # backward sums
+# backward sums
+SUM_NONE, SUM_WEIGHT, SUM_GRAD, SUM_BIAS_WEIGHT = (FR_SUM_NONE, FR_SUM_WEIGHT, FR_SUM_GRAD,
+                                                   FR_SUM_BIAS_WEIGHT)
 THREADS_PER_CPU = FR_THREADS_PER_CPU
 
 fr_init_threads()
@@ -277,11 +280,13 @@ cdef object _compute_type(int dt, a):
 
 
 cdef _run(int op, bint backward, cnp.ndarray g, cnp.ndarray x, cnp.ndarray y, double p,
-          weight, axis, cnp.ndarray counts, cnp.ndarray param_grad, int sum=0, bias=None):
+          weight, axis, cnp.ndarray counts, cnp.ndarray param_grad, int sum=0, bias=None,
+          cnp.ndarray bias_grad=None):
     """Runs one op over C-contiguous x (and g) into y.  With an `axis`, element k belongs to
     channel k's index along it, and the per-channel arrays apply: `weight` replaces p, `bias` is
-    added to x first (forward), `counts` gets the int64 positives (forward), and `param_grad`
-    the sums selected by `sum` (backward, in x's dtype).  Each may be None."""
+    added to x first, `counts` gets the int64 positives (forward), `param_grad` the sums selected
+    by `sum` (backward, in x's dtype) and `bias_grad` the bias's (SUM_BIAS_WEIGHT).  Each may be
+    None."""
     cdef fr_job job
     cdef Py_ssize_t d
     job.dt = _dtype_code(x)
@@ -306,6 +311,7 @@ cdef _run(int op, bint backward, cnp.ndarray g, cnp.ndarray x, cnp.ndarray y, do
     job.counts = <int64_t *>cnp.PyArray_DATA(counts) if counts is not None else NULL
     job.sum = sum
     job.param_grad = cnp.PyArray_DATA(param_grad) if param_grad is not None else NULL
+    job.bias_grad = cnp.PyArray_DATA(bias_grad) if bias_grad is not None else NULL
     cdef int rc
     with nogil:
         rc = fr_run(&job)
@@ -404,11 +410,20 @@ def forward(int op, cnp.ndarray x not None, out, double p, weight, axis, bint wa
     return (y if order is None else y.transpose(_inverse(order))), counts
 
 
+cdef cnp.ndarray _sums_target(cnp.ndarray a, dtype):
+    """Where the kernel writes per-channel sums: `a` itself when it can, else a new array."""
+    if a is None or (cnp.PyArray_ISCARRAY(a) and cnp.PyArray_ISNOTSWAPPED(a)):
+        return a
+    return np.empty(a.size, dtype=dtype)
+
+
 def backward(int op, cnp.ndarray grad not None, cnp.ndarray x not None, out, double p, weight,
-             axis, cnp.ndarray param_grad=None, int sum=FR_SUM_WEIGHT):
+             axis, cnp.ndarray param_grad=None, int sum=FR_SUM_WEIGHT, bias=None,
+             cnp.ndarray bias_grad=None):
     """dx into `out` (or a new array).  `weight`: one per channel along `axis` (or None: p).  With
     `param_grad` (C elements of x's dtype), the per-channel sums selected by `sum` (SUM_WEIGHT:
-    PReLU's weight gradient, SUM_GRAD: a bias's) go there."""
+    PReLU's weight gradient, SUM_GRAD: a bias's) go there; with SUM_BIAS_WEIGHT, x is PReLU's
+    input before `bias`, and `bias_grad` gets the bias's gradient beside the weight's."""
     given_out = out
     order = _memory_order(x, out)
     if order is not None:
@@ -417,12 +432,13 @@ def backward(int op, cnp.ndarray grad not None, cnp.ndarray x not None, out, dou
     cdef cnp.ndarray xc = _contiguous(x)
     cdef cnp.ndarray gc = _contiguous(grad)
     cdef cnp.ndarray dx = _target(xc, out)
-    cdef cnp.ndarray pg = param_grad
-    if pg is not None and not (cnp.PyArray_ISCARRAY(pg) and cnp.PyArray_ISNOTSWAPPED(pg)):
-        pg = np.empty(param_grad.size, dtype=xc.dtype)
-    _run(op, True, gc, xc, dx, p, weight, axis, None, pg, sum if pg is not None else 0)
-    if pg is not param_grad:
-        np.copyto(param_grad, pg.reshape((<object>param_grad).shape))
+    cdef cnp.ndarray pg = _sums_target(param_grad, xc.dtype)
+    cdef cnp.ndarray bg = _sums_target(bias_grad, xc.dtype)
+    _run(op, True, gc, xc, dx, p, weight, axis, None, pg, sum if pg is not None else 0, bias,
+         bg)
+    for given, written in ((param_grad, pg), (bias_grad, bg)):
+        if written is not given:
+            np.copyto(given, written.reshape((<object>given).shape))
     if out is not None and dx is not out:
         np.copyto(out, dx)
         dx = out

@@ -50,7 +50,9 @@ enum { FR_RELU = 0, FR_LEAKY = 1, FR_ELU = 2, FR_COPY = 3, FR_ELU_FROM_Y = 4, FR
 /* forward flags; FR_WEIGHT (per-channel weights) is a flag of the GPU kernels only: here a
  * weight array's presence says it */
 enum { FR_COUNT = 1, FR_BIAS = 2, FR_WEIGHT = 4 };
-enum { FR_SUM_NONE = 0, FR_SUM_WEIGHT = 1, FR_SUM_GRAD = 2 }; /* backward sums */
+/* backward sums; FR_SUM_BIAS_WEIGHT: x is PReLU's input before a per-channel bias, whose gradient
+ * is summed beside the weight's */
+enum { FR_SUM_NONE = 0, FR_SUM_WEIGHT = 1, FR_SUM_GRAD = 2, FR_SUM_BIAS_WEIGHT = 3 };
 
 /* The contract (the README's contract table), evaluated exactly as written: NaN, signed zeros and infinities
  * follow from the comparisons.  p is negative_slope, the PReLU weight, or ELU's alpha.  ELU's
@@ -137,11 +139,12 @@ typedef struct {
     int64_t (*fwd_flat[FR_NOPS])(const void *x, void *y, ptrdiff_t n, double p, double b,
                                  int flags);
     double (*bwd_flat[FR_NOPS])(const void *g, const void *x, void *dx, ptrdiff_t n, double p,
-                                int sum);
+                                double b, int sum, double *bias_sum);
     void (*fwd_rows[FR_NOPS])(const void *x, void *y, ptrdiff_t n, ptrdiff_t L, ptrdiff_t j0,
                               const void *pw, const void *pb, int64_t *counts);
     void (*bwd_rows[FR_NOPS])(const void *g, const void *x, void *dx, ptrdiff_t n, ptrdiff_t L,
-                              ptrdiff_t j0, const void *pw, double *sums, int sum);
+                              ptrdiff_t j0, const void *pw, const void *pb, double *sums,
+                              double *bias_sums, int sum);
 } fr_loops;
 
 typedef struct {
@@ -419,11 +422,14 @@ typedef struct {
     ptrdiff_t C, inner; /* n = outer * C * inner; element k is in channel (k / inner) % C */
     double p;           /* the parameter of every element, when pw is NULL */
     const void *pw;     /* C parameters in the compute type (float; double for float64), or NULL */
-    const void *bias;   /* forward: C values added to x first (y = op(x + b)), or NULL */
+    const void *bias;   /* C values added to x first (y = op(x + b)), or NULL; in a backward,
+                           with FR_SUM_BIAS_WEIGHT only */
     int64_t *counts;    /* forward: C counts of x (+ b) > 0, or NULL */
     int sum;            /* backward: what param_grad sums per channel:                        */
     void *param_grad;   /* FR_SUM_WEIGHT: x > 0 ? 0 : x * g (PReLU); FR_SUM_GRAD: dx (a bias), */
                         /* in dtype dt; or NULL                                                 */
+    void *bias_grad;    /* FR_SUM_BIAS_WEIGHT: the sums of dx (x + b's gradient), in dtype dt;  */
+                        /* param_grad then has C sums, or one when the weight is shared (p)   */
 
     int stream;         /* write the output with non-temporal stores */
     ptrdiff_t L;        /* 0: runs layout; else the rows layout's period */
@@ -431,32 +437,40 @@ typedef struct {
     const void *pb_row; /* rows layout: the bias of each column, or NULL */
 } fr_job;
 
+/* PReLU after a bias with one shared weight (p, no pw): the bias is per channel, the weight's
+ * gradient one sum. */
+static int fr_shared_weight_sum(const fr_job *job) {
+    return job->backward && job->sum == FR_SUM_BIAS_WEIGHT && !job->pw;
+}
+
 static int fr_want_sums(const fr_job *job) {
     return job->backward ? job->param_grad != NULL && job->sum != FR_SUM_NONE
                          : job->counts != NULL;
 }
 
-typedef union {
+typedef struct {
     int64_t count; /* forward: elements > 0 */
-    double wsum;   /* backward: sum of x*g over elements not > 0 */
+    double wsum;   /* backward: the sum param_grad takes (x*g over elements not > 0, or dx) */
+    double bsum;   /* backward, FR_SUM_BIAS_WEIGHT: the sum of dx */
 } fr_sum;
 
 /* m contiguous elements already in the compute type.  Runs layout: all take p, and the sum is
  * returned when `want_sum`; rows: the first is column col, and sums go to row_sums if not NULL. */
 static fr_sum fr_run_native(const fr_job *job, const fr_loops *loops, const void *g,
                             const void *x, void *y, ptrdiff_t m, double p, double b,
-                            ptrdiff_t col, int want_sum, void *row_sums) {
+                            ptrdiff_t col, int want_sum, void *row_sums, double *row_bias_sums) {
     fr_sum r = {0};
     const int flags = (want_sum ? FR_COUNT : 0) | (job->bias ? FR_BIAS : 0);
     const int sum = want_sum || row_sums ? job->sum : FR_SUM_NONE;
     if (!job->L && !job->backward)
         r.count = loops->fwd_flat[job->op](x, y, m, p, b, flags);
     else if (!job->L)
-        r.wsum = loops->bwd_flat[job->op](g, x, y, m, p, sum);
+        r.wsum = loops->bwd_flat[job->op](g, x, y, m, p, b, sum, &r.bsum);
     else if (!job->backward)
         loops->fwd_rows[job->op](x, y, m, job->L, col, job->pw_row, job->pb_row, row_sums);
     else
-        loops->bwd_rows[job->op](g, x, y, m, job->L, col, job->pw_row, row_sums, sum);
+        loops->bwd_rows[job->op](g, x, y, m, job->L, col, job->pw_row, job->pb_row, row_sums,
+                                 row_bias_sums, sum);
     return r;
 }
 
@@ -464,7 +478,7 @@ static fr_sum fr_run_native(const fr_job *job, const fr_loops *loops, const void
  * L1-sized buffers: float16 is converted to float32 and back, and streamed outputs are computed
  * into a buffer and then written with non-temporal stores. */
 static fr_sum fr_run_stretch(const fr_job *job, ptrdiff_t at, ptrdiff_t n, double p, double b,
-                             int want_sum, void *row_sums) {
+                             int want_sum, void *row_sums, double *row_bias_sums) {
     const fr_isa *isa = fr_isa_in_use;
     const size_t isz = fr_itemsize(job->dt);
     /* float16 and bfloat16 are computed in float32, converted in stages */
@@ -478,7 +492,8 @@ static fr_sum fr_run_stretch(const fr_job *job, ptrdiff_t at, ptrdiff_t n, doubl
     char *y = job->y + at * isz;
     const ptrdiff_t col = job->L ? at % job->L : 0;
     if (!half && !job->stream)
-        return fr_run_native(job, loops, g, x, y, n, p, b, col, want_sum, row_sums);
+        return fr_run_native(job, loops, g, x, y, n, p, b, col, want_sum, row_sums,
+                             row_bias_sums);
     float gbuf[FR_STAGE], xbuf[FR_STAGE];
     _Alignas(64) char ybuf[FR_STAGE * sizeof(double) + 64];
     fr_sum total = {0};
@@ -499,21 +514,23 @@ static fr_sum fr_run_stretch(const fr_job *job, ptrdiff_t at, ptrdiff_t n, doubl
             gs = gbuf, xs = xbuf;
         }
         fr_sum r = fr_run_native(job, loops, gs, xs, half ? xbuf : ys, m, p, b,
-                                 job->L ? (col + s) % job->L : 0, want_sum, row_sums);
-        if (job->backward)
-            total.wsum += r.wsum;
-        else
-            total.count += r.count;
+                                 job->L ? (col + s) % job->L : 0, want_sum, row_sums,
+                                 row_bias_sums);
+        total.wsum += r.wsum;
+        total.bsum += r.bsum;
+        total.count += r.count;
         if (half) from_float(xbuf, ys, m);
         if (job->stream) isa->stream_copy(y + s * isz, ystage, (size_t)m * isz);
     }
     return total;
 }
 
-/* Elements [a, b) of the job; sums: this thread's partials, or NULL. */
-static void fr_run_share(const fr_job *job, ptrdiff_t a, ptrdiff_t b, void *sums) {
+/* Elements [a, b) of the job; sums (and bias_sums, for FR_SUM_BIAS_WEIGHT): this thread's
+ * partials, or NULL. */
+static void fr_run_share(const fr_job *job, ptrdiff_t a, ptrdiff_t b, void *sums,
+                         double *bias_sums) {
     if (job->L) {
-        if (b > a) fr_run_stretch(job, a, b - a, 0.0, 0.0, 0, sums);
+        if (b > a) fr_run_stretch(job, a, b - a, 0.0, 0.0, 0, sums, bias_sums);
         return;
     }
     for (ptrdiff_t pos = a; pos < b;) { /* one run of `inner` elements of channel c at a time */
@@ -521,7 +538,8 @@ static void fr_run_share(const fr_job *job, ptrdiff_t a, ptrdiff_t b, void *sums
         ptrdiff_t end = (run + 1) * job->inner < b ? (run + 1) * job->inner : b;
         double p = job->pw ? fr_param(job->dt, job->pw, c) : job->p;
         double bias = job->bias ? fr_param(job->dt, job->bias, c) : 0.0;
-        fr_sum r = fr_run_stretch(job, pos, end - pos, p, bias, sums != NULL, NULL);
+        fr_sum r = fr_run_stretch(job, pos, end - pos, p, bias, sums != NULL, NULL, NULL);
+        if (bias_sums) bias_sums[c] += r.bsum;
         if (sums && job->backward)
             ((double *)sums)[c] += r.wsum;
         else if (sums)
@@ -583,6 +601,24 @@ static void fr_channel_sums(int backward, char *sums, ptrdiff_t C, ptrdiff_t inn
 }
 #undef FR_SUMS
 
+/* Adds up a region of n partial sums: every thread's, and in rows every copy of the period, in
+ * a fixed order into the first period; then each channel's columns.  Returns the C totals. */
+static const char *fr_total(const fr_job *job, char *sums, size_t n) {
+    const size_t width = job->L ? (size_t)job->C * (size_t)job->inner : (size_t)job->C;
+    for (size_t part = width; part < n; part += width)
+        fr_fold(job->backward, sums, sums + part * 8, width);
+    if (job->L && job->inner > 1) fr_channel_sums(job->backward, sums, job->C, job->inner);
+    return sums;
+}
+
+/* C float64 totals into an array of dtype dt, each rounded once. */
+static void fr_store_sums(int dt, void *dst, const char *totals, ptrdiff_t C) {
+    if (dt == FR_F64)
+        memcpy(dst, totals, (size_t)C * sizeof(double));
+    else
+        for (ptrdiff_t c = 0; c < C; c++) fr_store(dt, dst, c, ((const double *)totals)[c]);
+}
+
 /* Channel runs of at least FR_MIN_RUN elements are walked one run at a time, each with its own
  * parameter (the runs layout).  Shorter runs would spend more on the per-run call than on the data,
  * so they are laid out as rows of C * inner columns, with one parameter per column read alongside
@@ -602,10 +638,13 @@ static int fr_run(fr_job *job) {
     job->stream = (size_t)job->n * fr_itemsize(dt) >= FR_STREAM_MIN_BYTES;
     job->L = 0;
     job->pw_row = job->pb_row = NULL;
+    const int with_bias_grad = job->backward && want && job->sum == FR_SUM_BIAS_WEIGHT;
     if (job->n == 0) {
         if (job->counts) memset(job->counts, 0, (size_t)job->C * sizeof(int64_t));
-        for (ptrdiff_t c = 0; want && job->backward && c < job->C; c++)
-            fr_store(dt, job->param_grad, c, 0.0);
+        for (ptrdiff_t c = 0; want && job->backward && c < job->C; c++) {
+            if (c == 0 || !fr_shared_weight_sum(job)) fr_store(dt, job->param_grad, c, 0.0);
+            if (with_bias_grad) fr_store(dt, job->bias_grad, c, 0.0);
+        }
         return 0;
     }
     if (job->C == 1) job->inner = job->n; /* one channel: a single run, whatever the shape */
@@ -639,31 +678,32 @@ static int fr_run(fr_job *job) {
     /* per-thread sums, 8 bytes a column (rows) or channel (runs) */
     const size_t len = job->L ? (size_t)job->L : (size_t)job->C;
     const int nt = fr_threads_for(job->n);
+    /* one region of partial sums (two with a bias gradient), each holding every thread's */
+    const size_t region = (size_t)nt * len * 8;
     char *sums = NULL;
-    if (want && !(sums = calloc((size_t)nt * len, 8))) {
+    if (want && !(sums = calloc(with_bias_grad ? 2 : 1, region))) {
         free(rows);
         return -1;
     }
     FR_PARALLEL(nt, t, {
         ptrdiff_t a, b;
         fr_share(job->n, t, nt, &a, &b);
-        fr_run_share(job, a, b, sums ? sums + (size_t)t * len * 8 : NULL);
+        char *mine = sums ? sums + (size_t)t * len * 8 : NULL;
+        fr_run_share(job, a, b, mine, with_bias_grad ? (double *)(mine + region) : NULL);
         if (job->stream) _mm_sfence(); /* streamed stores are visible before the team joins */
     });
     if (sums) {
-        /* every thread's partials, and in rows every copy of the period, are added (in a fixed
-         * order) into the first period of thread 0's; then each channel's columns */
-        const size_t width = job->L ? (size_t)period : (size_t)job->C;
-        for (size_t part = width; part < (size_t)nt * len; part += width)
-            fr_fold(job->backward, sums, sums + part * 8, width);
-        if (job->L && job->inner > 1) fr_channel_sums(job->backward, sums, job->C, job->inner);
         if (!job->backward)
-            memcpy(job->counts, sums, (size_t)job->C * sizeof(int64_t));
-        else if (dt == FR_F64)
-            memcpy(job->param_grad, sums, (size_t)job->C * sizeof(double));
-        else
-            for (ptrdiff_t c = 0; c < job->C; c++)
-                fr_store(dt, job->param_grad, c, ((const double *)sums)[c]);
+            memcpy(job->counts, fr_total(job, sums, nt * len), (size_t)job->C * sizeof(int64_t));
+        else if (fr_shared_weight_sum(job)) { /* the channels' sums, added in float64 */
+            const double *totals = (const double *)fr_total(job, sums, nt * len);
+            double all = 0.0;
+            for (ptrdiff_t c = 0; c < job->C; c++) all += totals[c];
+            fr_store(dt, job->param_grad, 0, all);
+        } else
+            fr_store_sums(dt, job->param_grad, fr_total(job, sums, nt * len), job->C);
+        if (with_bias_grad)
+            fr_store_sums(dt, job->bias_grad, fr_total(job, sums + region, nt * len), job->C);
         free(sums);
     }
     free(rows);

@@ -56,7 +56,10 @@ static void FR_CAT(fr_float_to_bf16_, FR_ISA)(const float *src, void *dst, ptrdi
 #define FR_FN(name) FR_CAT(name, FR_SFX)
 
 /* flags (compile-time constants in every instantiation): forward FR_COUNT | FR_BIAS, backward one
- * of FR_SUM_NONE, FR_SUM_WEIGHT, FR_SUM_GRAD (see fr_job in _kernels.h) */
+ * of FR_SUM_NONE, FR_SUM_WEIGHT, FR_SUM_GRAD, FR_SUM_BIAS_WEIGHT (see fr_job in _kernels.h).
+ * FR_SUM_BIAS_WEIGHT: x is the input before a per-channel bias b, so v = x + b, and both the
+ * weight gradient and dx's sum (the bias gradient, into bias_sums) are gathered. */
+#define FR_SUMS_WEIGHT(sum) ((sum) == FR_SUM_WEIGHT || (sum) == FR_SUM_BIAS_WEIGHT)
 
 /* Counts are gathered in int32 lanes, as wide as float32's, one block of at most 2^30 elements at
  * a time, and added up in int64. */
@@ -79,16 +82,21 @@ static FR_INLINE int64_t FR_FN(fwd_flat_t)(int op, const FR_T *x, FR_T *y, ptrdi
 }
 
 static FR_INLINE double FR_FN(bwd_flat_t)(int op, const FR_T *g, const FR_T *x, FR_T *dx,
-                                         ptrdiff_t n, FR_T p, int sum) {
-    double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
+                                         ptrdiff_t n, FR_T p, FR_T b, int sum,
+                                         double *bias_sum) {
+    double acc = 0.0, bacc = 0.0;
+#pragma omp simd reduction(+ : acc, bacc)
     for (ptrdiff_t i = 0; i < n; i++) {
-        FR_T v = x[i], gi = g[i], d = FR_DX(op, v, gi, p, FR_T, FR_EXP);
+        FR_T v = x[i], gi = g[i];
+        if (sum == FR_SUM_BIAS_WEIGHT) v = v + b;
+        FR_T d = FR_DX(op, v, gi, p, FR_T, FR_EXP);
         dx[i] = d;
         /* the product of two floats is exact in double, so only the sum rounds */
-        if (sum == FR_SUM_WEIGHT) acc += v > 0 ? 0.0 : (double)v * (double)gi;
+        if (FR_SUMS_WEIGHT(sum)) acc += v > 0 ? 0.0 : (double)v * (double)gi;
         if (sum == FR_SUM_GRAD) acc += d;
+        if (sum == FR_SUM_BIAS_WEIGHT) bacc += d;
     }
+    if (sum == FR_SUM_BIAS_WEIGHT) *bias_sum = bacc;
     return acc;
 }
 
@@ -107,13 +115,17 @@ static FR_INLINE void FR_FN(fwd_row_t)(int op, const FR_T *x, FR_T *y, ptrdiff_t
 }
 
 static FR_INLINE void FR_FN(bwd_row_t)(int op, const FR_T *g, const FR_T *x, FR_T *dx,
-                                      ptrdiff_t n, const FR_T *pw, double *sums, int sum) {
+                                      ptrdiff_t n, const FR_T *pw, const FR_T *pb, double *sums,
+                                      double *bias_sums, int sum) {
 #pragma omp simd
     for (ptrdiff_t j = 0; j < n; j++) {
-        FR_T v = x[j], gj = g[j], d = FR_DX(op, v, gj, pw[j], FR_T, FR_EXP);
+        FR_T v = x[j], gj = g[j];
+        if (sum == FR_SUM_BIAS_WEIGHT) v = v + pb[j];
+        FR_T d = FR_DX(op, v, gj, pw[j], FR_T, FR_EXP);
         dx[j] = d;
-        if (sum == FR_SUM_WEIGHT) sums[j] += v > 0 ? 0.0 : (double)v * (double)gj;
+        if (FR_SUMS_WEIGHT(sum)) sums[j] += v > 0 ? 0.0 : (double)v * (double)gj;
         if (sum == FR_SUM_GRAD) sums[j] += d;
+        if (sum == FR_SUM_BIAS_WEIGHT) bias_sums[j] += d;
     }
 }
 
@@ -137,18 +149,23 @@ static FR_INLINE void FR_FN(fwd_rows_at_once_t)(int op, const FR_T *x, FR_T *y, 
 }
 
 static FR_INLINE void FR_FN(bwd_rows_at_once_t)(int op, const FR_T *g, const FR_T *x, FR_T *dx,
-                                               ptrdiff_t L, const FR_T *pw, double *sums,
-                                               int sum, int rows) {
+                                               ptrdiff_t L, const FR_T *pw, const FR_T *pb,
+                                               double *sums, double *bias_sums, int sum,
+                                               int rows) {
 #pragma omp simd
     for (ptrdiff_t j = 0; j < L; j++) {
-        double s = 0.0;
+        double s = 0.0, bs = 0.0;
         for (int r = 0; r < rows; r++) {
-            FR_T v = x[r * L + j], gj = g[r * L + j], d = FR_DX(op, v, gj, pw[j], FR_T, FR_EXP);
+            FR_T v = x[r * L + j], gj = g[r * L + j];
+            if (sum == FR_SUM_BIAS_WEIGHT) v = v + pb[j];
+            FR_T d = FR_DX(op, v, gj, pw[j], FR_T, FR_EXP);
             dx[r * L + j] = d;
-            if (sum == FR_SUM_WEIGHT) s += v > 0 ? 0.0 : (double)v * (double)gj;
+            if (FR_SUMS_WEIGHT(sum)) s += v > 0 ? 0.0 : (double)v * (double)gj;
             if (sum == FR_SUM_GRAD) s += d;
+            if (sum == FR_SUM_BIAS_WEIGHT) bs += d;
         }
         sums[j] += s;
+        if (sum == FR_SUM_BIAS_WEIGHT) bias_sums[j] += bs;
     }
 }
 
@@ -177,21 +194,24 @@ static FR_INLINE void FR_FN(fwd_rows_t)(int op, const FR_T *x, FR_T *y, ptrdiff_
 
 static FR_INLINE void FR_FN(bwd_rows_t)(int op, const FR_T *g, const FR_T *x, FR_T *dx,
                                        ptrdiff_t n, ptrdiff_t L, ptrdiff_t j0, const FR_T *pw,
-                                       double *sums, int sum) {
+                                       const FR_T *pb, double *sums, double *bias_sums, int sum) {
     ptrdiff_t k = 0;
     if (j0) {
         k = L - j0 < n ? L - j0 : n;
-        FR_FN(bwd_row_t)(op, g, x, dx, k, pw + j0, sums ? sums + j0 : NULL, sum);
+        FR_FN(bwd_row_t)(op, g, x, dx, k, pw + j0, pb ? pb + j0 : NULL, sums ? sums + j0 : NULL,
+                         bias_sums ? bias_sums + j0 : NULL, sum);
     }
     if (sum != FR_SUM_NONE && fr_rows_at_once(L, sizeof(FR_T)) == 8)
         for (; n - k >= 8 * L; k += 8 * L)
-            FR_FN(bwd_rows_at_once_t)(op, g + k, x + k, dx + k, L, pw, sums, sum, 8);
+            FR_FN(bwd_rows_at_once_t)(op, g + k, x + k, dx + k, L, pw, pb, sums, bias_sums, sum,
+                                      8);
     else if (sum != FR_SUM_NONE)
         for (; n - k >= 2 * L; k += 2 * L)
-            FR_FN(bwd_rows_at_once_t)(op, g + k, x + k, dx + k, L, pw, sums, sum, 2);
+            FR_FN(bwd_rows_at_once_t)(op, g + k, x + k, dx + k, L, pw, pb, sums, bias_sums, sum,
+                                      2);
     for (ptrdiff_t len; k < n; k += len) {
         len = L < n - k ? L : n - k;
-        FR_FN(bwd_row_t)(op, g + k, x + k, dx + k, len, pw, sums, sum);
+        FR_FN(bwd_row_t)(op, g + k, x + k, dx + k, len, pw, pb, sums, bias_sums, sum);
     }
 }
 
@@ -208,13 +228,23 @@ static FR_INLINE void FR_FN(bwd_rows_t)(int op, const FR_T *g, const FR_T *x, FR
             return FR_FN(fwd_flat_t)(OP, x, y, n, (FR_T)p, (FR_T)b, FR_COUNT | FR_BIAS);        \
         }                                                                                       \
     }
-#define FR_BWD_FLAT(OPNAME, OP)                                                                 \
+/* WITH_BIAS: the op serves FR_SUM_BIAS_WEIGHT (PReLU after a bias); for the others that case is
+ * compiled away. */
+#define FR_BWD_FLAT(OPNAME, OP, WITH_BIAS)                                                      \
     static double FR_FN(FR_CAT(bwd_flat_, OPNAME))(const void *g, const void *x, void *dx,      \
-                                                  ptrdiff_t n, double p, int sum) {             \
+                                                  ptrdiff_t n, double p, double b, int sum,     \
+                                                  double *bias_sum) {                           \
         switch (sum) {                                                                          \
-        case FR_SUM_NONE: return FR_FN(bwd_flat_t)(OP, g, x, dx, n, (FR_T)p, FR_SUM_NONE);      \
-        case FR_SUM_WEIGHT: return FR_FN(bwd_flat_t)(OP, g, x, dx, n, (FR_T)p, FR_SUM_WEIGHT);  \
-        default: return FR_FN(bwd_flat_t)(OP, g, x, dx, n, (FR_T)p, FR_SUM_GRAD);               \
+        case FR_SUM_NONE:                                                                       \
+            return FR_FN(bwd_flat_t)(OP, g, x, dx, n, (FR_T)p, 0, FR_SUM_NONE, NULL);            \
+        case FR_SUM_WEIGHT:                                                                     \
+            return FR_FN(bwd_flat_t)(OP, g, x, dx, n, (FR_T)p, 0, FR_SUM_WEIGHT, NULL);          \
+        case FR_SUM_BIAS_WEIGHT:                                                                \
+            if (WITH_BIAS)                                                                      \
+                return FR_FN(bwd_flat_t)(OP, g, x, dx, n, (FR_T)p, (FR_T)b, FR_SUM_BIAS_WEIGHT,  \
+                                         bias_sum);                                             \
+            /* fall through */                                                                  \
+        default: return FR_FN(bwd_flat_t)(OP, g, x, dx, n, (FR_T)p, 0, FR_SUM_GRAD, NULL);       \
         }                                                                                       \
     }
 #define FR_FWD_ROWS(OPNAME, OP)                                                                 \
@@ -228,22 +258,32 @@ static FR_INLINE void FR_FN(bwd_rows_t)(int op, const FR_T *g, const FR_T *x, FR
         default: FR_FN(fwd_rows_t)(OP, x, y, n, L, j0, pw, pb, counts, FR_COUNT | FR_BIAS);     \
         }                                                                                       \
     }
-#define FR_BWD_ROWS(OPNAME, OP)                                                                 \
+#define FR_BWD_ROWS(OPNAME, OP, WITH_BIAS)                                                      \
     static void FR_FN(FR_CAT(bwd_rows_, OPNAME))(const void *g, const void *x, void *dx,        \
                                                 ptrdiff_t n, ptrdiff_t L, ptrdiff_t j0,         \
-                                                const void *pw, double *sums, int sum) {        \
+                                                const void *pw, const void *pb, double *sums,   \
+                                                double *bias_sums, int sum) {                   \
         switch (sums ? sum : FR_SUM_NONE) {                                                     \
-        case FR_SUM_NONE: FR_FN(bwd_rows_t)(OP, g, x, dx, n, L, j0, pw, sums, 0); break;        \
-        case FR_SUM_WEIGHT:                                                                     \
-            FR_FN(bwd_rows_t)(OP, g, x, dx, n, L, j0, pw, sums, FR_SUM_WEIGHT);                 \
+        case FR_SUM_NONE:                                                                       \
+            FR_FN(bwd_rows_t)(OP, g, x, dx, n, L, j0, pw, NULL, sums, NULL, FR_SUM_NONE);        \
             break;                                                                              \
-        default: FR_FN(bwd_rows_t)(OP, g, x, dx, n, L, j0, pw, sums, FR_SUM_GRAD);              \
+        case FR_SUM_WEIGHT:                                                                     \
+            FR_FN(bwd_rows_t)(OP, g, x, dx, n, L, j0, pw, NULL, sums, NULL, FR_SUM_WEIGHT);      \
+            break;                                                                              \
+        case FR_SUM_BIAS_WEIGHT:                                                                \
+            if (WITH_BIAS) {                                                                    \
+                FR_FN(bwd_rows_t)(OP, g, x, dx, n, L, j0, pw, pb, sums, bias_sums,              \
+                                  FR_SUM_BIAS_WEIGHT);                                          \
+                break;                                                                          \
+            }                                                                                   \
+            /* fall through */                                                                  \
+        default: FR_FN(bwd_rows_t)(OP, g, x, dx, n, L, j0, pw, NULL, sums, NULL, FR_SUM_GRAD);   \
         }                                                                                       \
     }
 
 /* forward: relu, leaky, elu (flat, and rows for statistics, biases and PReLU weights) and the
- * copy (flat); backward: relu, leaky (flat and rows: bias and weight gradients), elu from x
- * (flat), elu from y (flat, and rows: bias_activation_backward) */
+ * copy (flat); backward: relu, leaky (flat and rows: bias and weight gradients, both for PReLU
+ * after a bias), elu from x (flat), elu from y (flat, and rows: bias_activation_backward) */
 FR_FWD_FLAT(relu, FR_RELU)
 FR_FWD_FLAT(leaky, FR_LEAKY)
 FR_FWD_FLAT(elu, FR_ELU)
@@ -251,13 +291,13 @@ FR_FWD_FLAT(copy, FR_COPY)
 FR_FWD_ROWS(relu, FR_RELU)
 FR_FWD_ROWS(leaky, FR_LEAKY)
 FR_FWD_ROWS(elu, FR_ELU)
-FR_BWD_FLAT(relu, FR_RELU)
-FR_BWD_FLAT(leaky, FR_LEAKY)
-FR_BWD_FLAT(elu, FR_ELU)
-FR_BWD_FLAT(elu_from_y, FR_ELU_FROM_Y)
-FR_BWD_ROWS(relu, FR_RELU)
-FR_BWD_ROWS(leaky, FR_LEAKY)
-FR_BWD_ROWS(elu_from_y, FR_ELU_FROM_Y)
+FR_BWD_FLAT(relu, FR_RELU, 0)
+FR_BWD_FLAT(leaky, FR_LEAKY, 1)
+FR_BWD_FLAT(elu, FR_ELU, 0)
+FR_BWD_FLAT(elu_from_y, FR_ELU_FROM_Y, 0)
+FR_BWD_ROWS(relu, FR_RELU, 0)
+FR_BWD_ROWS(leaky, FR_LEAKY, 1)
+FR_BWD_ROWS(elu_from_y, FR_ELU_FROM_Y, 0)
 
 static const fr_loops FR_FN(loops) = {
     .fwd_flat = {[FR_RELU] = FR_FN(fwd_flat_relu), [FR_LEAKY] = FR_FN(fwd_flat_leaky),
@@ -274,6 +314,7 @@ static const fr_loops FR_FN(loops) = {
 #undef FR_BWD_FLAT
 #undef FR_FWD_ROWS
 #undef FR_BWD_ROWS
+#undef FR_SUMS_WEIGHT
 #undef FR_FN
 
 #endif /* FR_T */

@@ -300,8 +300,10 @@ class _Activation(_Layer):
     that recorded them: in training mode with `track_stats` set, or after
     ``eval(track_stats=True)``."""
 
-    name = ""       # the op's name for the fused kernels
-    fusable = True  # Linear may fuse it with the bias add
+    name = ""  # the op's name for the fused kernels
+    # Linear fuses it with its bias add when its backward works from the output, or from the
+    # input through a fused backward of its own (PReLU: bias_prelu_backward)
+    fused_backward_from_input = False
 
     def __init__(self, *, dtype=None, inplace=False, track_stats=False, kernels="fastrelu"):
         super().__init__(dtype, inplace)
@@ -460,7 +462,7 @@ class PReLU(_Activation):
     the weight gradient sums x * grad.  `dtype`: the model's when None (float32 on its own)."""
 
     name = "prelu"
-    fusable = False  # bias_activation has no PReLU yet: Linear adds the bias, then applies it
+    fused_backward_from_input = True
 
     def __init__(self, num_parameters=1, init=0.25, **kwargs):
         super().__init__(**kwargs)
@@ -512,8 +514,8 @@ class Linear(_Layer):
     with the gain of the activation that follows: `activation`, or in a :class:`Sequential` the
     activation layer after this one (gain 1 when none follows).  `bias` starts at `bias_init` (a
     small positive value keeps ReLUs alive; a negative one kills them).  `rng`: a seed or a
-    np.random.Generator.  `dtype`: the model's when None (float32 on its own).  A ReLU,
-    LeakyReLU or ELU activation is fused with the bias add (see `fused`).  ``inplace=True`` lets
+    np.random.Generator.  `dtype`: the model's when None (float32 on its own).  The activation
+    is fused with the bias add (see `fused`).  ``inplace=True`` lets
     backward overwrite the `grad` passed to it (forward never modifies x: it is kept for the
     weight gradient)."""
 
@@ -542,11 +544,12 @@ class Linear(_Layer):
 
     @property
     def fused(self):
-        """Bias add and activation in one pass: for ReLU, LeakyReLU and ELU whose backward can
-        work from the output (a parameter >= 0), with the fastrelu kernels."""
+        """Bias add and activation in one pass, and their gradients (the bias's, and PReLU's
+        weight's) in one pass back: for PReLU, and for ReLU, LeakyReLU and ELU whose backward
+        can work from the output (a parameter >= 0), with the fastrelu kernels."""
         act = self.activation
-        return (act is not None and act.fusable and act.from_output
-                and self.kernels == "fastrelu")
+        return (act is not None and self.kernels == "fastrelu"
+                and (act.from_output or act.fused_backward_from_input))
 
     def _children(self):
         return [] if self.activation is None else [("activation", self.activation)]
@@ -566,8 +569,8 @@ class Linear(_Layer):
         self._draw = None  # the layer has run: its initial values are history
         z = x @ self.weight.value  # the layer's own array: the bias and activation go in place
         if self.fused:
-            y = self._fused_forward(z)
-            return y, not self.training, (x, y)
+            y, kept = self._fused_forward(z)
+            return y, not self.training or kept is not y, (x, kept)
         z += self.bias.value
         if self.activation is None:
             return z, True, (x, None)
@@ -575,9 +578,9 @@ class Linear(_Layer):
         return y, y_free, (x, None)
 
     def _run_backward(self, grad, writable, saved):
-        x, y = saved  # y is kept by the fused forward only
-        if y is not None:
-            dz, db = self._fused_backward(grad, y, writable)
+        x, kept = saved  # what the fused forward kept for the backward: y, or PReLU's input
+        if kept is not None:
+            dz, db = self._fused_backward(grad, kept, writable)
         else:
             dz = grad if self.activation is None else self.activation._backward(grad, writable)
             db = dz.sum(axis=0)
@@ -587,17 +590,27 @@ class Linear(_Layer):
 
     # the fused kernels, called from here only
     def _fused_forward(self, z):
+        """y, and what the backward needs: y itself (written over z), or for PReLU its input
+        z, kept (y is then a new array)."""
         act = self.activation
-        if act._records_stats():
-            y, act.stats = _api.bias_activation(z, self.bias.value, act.name, act.param, out=z,
-                                                stats=True)
-            return y
-        return _api.bias_activation(z, self.bias.value, act.name, act.param, out=z)
+        from_input = not act.from_output
+        param = act.weight.value if from_input else act.param
+        stats = act._records_stats()
+        result = _api.bias_activation(z, self.bias.value, act.name, param,
+                                      out=None if from_input else z, stats=stats)
+        if stats:
+            result, act.stats = result
+        return result, z if from_input else result
 
-    def _fused_backward(self, grad, y, writable):
+    def _fused_backward(self, grad, kept, writable):
         act = self.activation
-        return _api.bias_activation_backward(grad, y, act.name, act.param,
-                                             out=(grad if writable else None, None))
+        out = grad if writable else None
+        if act.from_output:
+            return _api.bias_activation_backward(grad, kept, act.name, act.param, out=(out, None))
+        dz, db, dw = _api.bias_prelu_backward(grad, kept, self.bias.value, act.weight.value,
+                                              out=(out, None, None))
+        act.weight.grad += dw
+        return dz, db
 
     def __repr__(self):
         act = "" if self.activation is None else f", activation={self.activation!r}"

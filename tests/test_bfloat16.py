@@ -177,4 +177,13 @@ def test_agrees_with_pytorch_bfloat16_kernels():
     torch.nn.functional.prelu(txr, twr).backward(tg)
     dx, dw = fastrelu.prelu_backward(g, x, w)
     assert_bitwise(dx, as_bf16(txr.grad))
-    np.testing.assert_allclose(dw.astype(np.float32), twr.grad.float().numpy(), rtol=2**-7)
+    # the weight gradient: the exact sum rounded once, where PyTorch's bfloat16 sums drift (by
+    # up to 14% on this data); both against the float64 sum
+    xf, gf = x.astype(np.float64), g.astype(np.float64)
+    terms = np.where(xf > 0, 0.0, xf * gf)
+    exact = np.where(np.isfinite(terms), terms, 0.0).sum(axis=0)
+    finite = np.isfinite(dw.astype(np.float32)) & (np.abs(exact) > 1e-3)
+    ours = np.abs(dw.astype(np.float64)[finite] / exact[finite] - 1)
+    theirs = np.abs(twr.grad.double().numpy()[finite] / exact[finite] - 1)
+    assert ours.max() <= 2.0**-8
+    assert ours.mean() <= theirs.mean()

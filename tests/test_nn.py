@@ -762,3 +762,22 @@ def test_readme_example_runs_as_written(tmp_path, monkeypatch):
     exec(compile(code, "README.md (nn example)", "exec"), namespace)
     assert namespace["accuracy"] > 0.9
     assert (tmp_path / "digits-mlp.npz").exists()
+
+
+def test_linear_with_prelu_is_fused_and_matches_the_unfused_layers():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 6))
+    grad = rng.standard_normal((32, 5))
+    results = []
+    for kernels in ("fastrelu", "numpy"):
+        layer = nn.Linear(6, 5, activation=nn.PReLU(5, 0.3), rng=1, dtype=np.float64,
+                          kernels=kernels)
+        assert layer.fused == (kernels == "fastrelu")
+        y = layer.forward(x)
+        g = grad.copy()
+        dx = layer.backward(g)
+        np.testing.assert_array_equal(g, grad)  # the caller's gradient is left alone
+        results.append((y, dx, layer.weight.grad.copy(), layer.bias.grad.copy(),
+                        layer.activation.weight.grad.copy()))
+    for fused, unfused in zip(*results):
+        np.testing.assert_allclose(fused, unfused, rtol=1e-12, atol=1e-12)

@@ -167,3 +167,80 @@ def test_prelu_property(shape, data, dtype):
         x = np.asfortranarray(x)
     w = rng.uniform(-2, 2, shape[axis]).astype(dtype)
     check_prelu(x, w, axis)
+
+
+# ---- PReLU after a bias, fused --------------------------------------------------------------
+
+def _bias_prelu_reference(g, x, b, w, axis):
+    """z = x + b, and the gradients, computed in float32 for float16 data (z is never rounded
+    to float16, as in the kernels)."""
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    wide = np.float64 if x.dtype == np.float64 else np.float32
+    z = x.astype(wide) + b.astype(wide).reshape(shape)
+    dz, dw = reference.prelu_backward(g.astype(wide), z, w.astype(wide), axis)
+    db = np.moveaxis(dz.astype(np.float64), axis, 0).reshape(x.shape[axis], -1).sum(axis=1)
+    return z, dz.astype(x.dtype), db, dw
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape,axis", [((64, 100), 1), ((4, 8, 300), 1), ((5, 7), 0),
+                                        ((3, 4, 5, 6), 1), ((40, 64, 4, 4), 1),
+                                        ((3, 0, 4), 2)])
+@pytest.mark.parametrize("shared", [False, True], ids=["per_unit", "shared"])
+def test_bias_prelu_forward_and_backward(shape, axis, shared, dtype):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape).astype(dtype)
+    g = rng.standard_normal(shape).astype(dtype)
+    c = shape[axis]
+    b = rng.standard_normal(c).astype(dtype)
+    w = np.array([0.3], dtype) if shared else rng.standard_normal(c).astype(dtype)
+    z, ref_dz, ref_db, ref_dw = _bias_prelu_reference(g, x, b, w, axis)
+    y = fastrelu.bias_activation(x, b, "prelu", w, axis)
+    assert_bitwise(y, reference.prelu(z, w.astype(z.dtype), axis).astype(dtype))
+    dz, db, dw = fastrelu.bias_prelu_backward(g, x, b, w, axis)
+    assert_bitwise(dz, ref_dz)
+    assert db.shape == b.shape and dw.shape == w.shape and db.dtype == dw.dtype == dtype
+    tol = 2e-3 if dtype == np.float16 else 1e-5
+    np.testing.assert_allclose(db, ref_db, rtol=tol, atol=tol)
+    np.testing.assert_allclose(dw, ref_dw, rtol=tol, atol=tol)
+
+
+def test_bias_prelu_on_two_threads_and_into_outputs():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((512, 300)).astype(np.float32)  # 153,600 elements: threaded
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    b, w = rng.standard_normal(300).astype(np.float32), rng.standard_normal(300).astype(np.float32)
+    z, ref_dz, ref_db, ref_dw = _bias_prelu_reference(g, x, b, w, 1)
+    outs = (np.empty_like(x), np.empty_like(b), np.empty_like(w))
+    result = fastrelu.bias_prelu_backward(g, x, b, w, out=outs)
+    assert all(r is o for r, o in zip(result, outs))
+    assert_bitwise(outs[0], ref_dz)
+    np.testing.assert_allclose(outs[1], ref_db, rtol=1e-5)
+    np.testing.assert_allclose(outs[2], ref_dw, rtol=1e-5)
+    before = g.copy()
+    dz, _, _ = fastrelu.bias_prelu_backward(g, x, b, w, out=(g, None, None))  # in place
+    assert dz is g
+    assert_bitwise(g, reference.prelu_backward(before, z, w)[0])
+
+
+def test_bias_prelu_errors():
+    x = np.ones((4, 3), np.float32)
+    b, w = np.zeros(3, np.float32), np.full(3, 0.25, np.float32)
+    with pytest.raises(ValueError, match="use bias_prelu_backward"):
+        fastrelu.bias_activation_backward(x, x, "prelu", w)
+    with pytest.raises(TypeError, match="prelu needs its weight"):
+        fastrelu.bias_activation(x, b, "prelu")
+    with pytest.raises(TypeError, match="weight must be an array"):
+        fastrelu.bias_prelu_backward(x, x, b, None)
+    with pytest.raises(TypeError, match="out must be a triple"):
+        fastrelu.bias_prelu_backward(x, x, b, w, out=(None, None))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        fastrelu.bias_prelu_backward(x, x, np.zeros(4, np.float32), w)
+    with pytest.raises(ValueError, match="weight has 2 elements"):
+        fastrelu.bias_prelu_backward(x, x, b, w[:2])
+    shared = np.zeros(6, np.float32)
+    with pytest.raises(ValueError, match=r"out\[1\] and out\[2\] overlap"):
+        fastrelu.bias_prelu_backward(x, x, b, w, out=(None, shared[:3], shared[1:4]))
+    with pytest.raises(TypeError, match="weight has dtype float64"):
+        fastrelu.bias_prelu_backward(x, x, b, w.astype(np.float64))
