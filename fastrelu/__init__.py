@@ -27,7 +27,7 @@ from ._api import (
 from ._runtime import get_num_threads, info, set_num_threads
 from .monitor import ActivationStats, DeadUnitTracker
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "relu",

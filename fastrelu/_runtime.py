@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 
 from . import _cpu
+from ._version import __version__
 
 
 _MAX_THREADS = 2**31 - 1  # OpenMP counts threads in a C int
@@ -77,8 +78,6 @@ def _gpu_state():
 
 def info():
     """A dict describing this installation: version, SIMD level, threads, GPU backend."""
-    from . import __version__
-
     return {
         "fastrelu": __version__,
         "numpy": np.__version__,

@@ -89,6 +89,7 @@ def test_training_learns_and_dying_setting_kills_relu():
     assert max(dying[-1]["dead_fraction"].values()) > 0.3
 
 
+@pytest.mark.slow
 def test_quick_run_writes_report(tmp_path):
     out = tmp_path / "exp.json"
     res = subprocess.run([sys.executable, "-m", "fastrelu", "experiment", "--quick",
