@@ -164,8 +164,8 @@ def timed(fn, calls=1):
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
-    """How a report measures: rounds of interleaved samples, each at least min_time long; fewer
-    rounds, down to min_rounds, for a group whose rounds would take longer than budget seconds."""
+    """How a report measures: rounds of interleaved samples, each at least min_time long; no new
+    round once a group has had min_rounds and budget seconds."""
     rounds: int
     min_rounds: int
     min_time: float
@@ -174,9 +174,9 @@ class Timing:
 
 
 def default_timing(rounds=None):
-    """Rounds of 2 ms samples: 15, or 5 for a group whose 15 rounds would take over 1.5 s."""
+    """Up to 15 rounds of 2 ms samples in a second; 3 rounds at least."""
     rounds = rounds or 15
-    return Timing(rounds=rounds, min_rounds=min(5, rounds), min_time=0.002, budget=1.5)
+    return Timing(rounds=rounds, min_rounds=min(3, rounds), min_time=0.002, budget=1.0)
 
 
 def quick_timing(rounds=None):
@@ -538,7 +538,8 @@ BATCH_TIME = 20e-6  # seconds a batch of calls lasts at least: the clock's cost 
 
 def calls_per_batch(fn, timing):
     """(seconds of one call, calls per batch) after a first call (page faults, compilation,
-    first-call costs); a short call is timed 5 times and the fastest counts."""
+    first-call costs); a short call is timed 5 times and the fastest counts.  The first calls
+    count towards the group's budget."""
     fn()
     once = timing.timer(fn)
     if once < timing.min_time:
@@ -563,13 +564,13 @@ def interleaved_samples(impls, timing):
     the machine's load does to one it does to the other, and drift cancels over pairs of rounds.
     A sample of short calls is preceded by an untimed call, so that it starts with its own
     thread pool awake and its own data in cache."""
+    started = time.perf_counter()
     calibration = {key: calls_per_batch(fn, timing) for key, fn in impls.items()}
-    round_seconds = sum(max(once * calls, timing.min_time) + once
-                        for once, calls in calibration.values())
-    rounds = max(timing.min_rounds, min(timing.rounds, int(timing.budget / round_seconds)))
     keys = list(impls)
     samples = {key: [] for key in keys}
-    for r in range(rounds):
+    for r in range(timing.rounds):
+        if r >= timing.min_rounds and time.perf_counter() - started > timing.budget:
+            break
         for key in keys if r % 2 == 0 else reversed(keys):
             once, calls = calibration[key]
             if once < timing.min_time:
