@@ -10,9 +10,10 @@
 Sizes are 1e3, 1e5, 1e6 and STREAM size, 4x this machine's last-level cache (as `fastrelu bench`
 picks it).  Each group of pytest-benchmark's table is one comparison.  Between two commits:
 
-    git checkout A && pip install -e . && python -m pytest bench/ --benchmark-only --benchmark-autosave
-    git checkout B && pip install -e . && python -m pytest bench/ --benchmark-only --benchmark-compare \\
-        --benchmark-compare-fail=median:10%
+    git checkout A && pip install -e .
+    python -m pytest bench/ --benchmark-only --benchmark-autosave
+    git checkout B && pip install -e .
+    python -m pytest bench/ --benchmark-only --benchmark-compare --benchmark-compare-fail=median:10%
 
 (--benchmark-compare compares with the latest saved run of this machine in .benchmarks/; the test
 names do not change with the machine, STREAM size being named "stream".)  pytest-benchmark times

@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -28,11 +27,12 @@ import numpy as np
 
 from . import _cpu, _step_bench
 from ._api import prelu, prelu_backward
-from ._report import (ATTEMPTS, CHANNELS, FASTRELU, SPREAD_LIMIT, VALUE_CASES, Backend, Data, Progress,
-                      UsageError, available_memory_bytes, cost_ratios, element_count, entries,
-                      fastrelu_impls, format_time, human_size, installed, last_level_cache_bytes,
-                      machine_description, measure, op_directions, plot_report, recipe_impls,
-                      report_options, size_plan, sweep, timed, write_json)
+from ._report import (ATTEMPTS, CHANNELS, FASTRELU, SPREAD_LIMIT, VALUE_CASES, Backend, Data,
+                      Progress, UsageError, available_memory_bytes, cost_ratios, element_count,
+                      entries, fastrelu_impls, format_time, human_size, installed,
+                      last_level_cache_bytes, machine_description, measure, op_directions,
+                      plot_report, recipe_impls, report_options, size_plan, sweep, timed,
+                      write_json)
 from ._runtime import get_num_threads, set_num_threads
 
 DEFAULT_SIZES = ("1e3", "1e5", "1e6", "stream")
@@ -314,7 +314,8 @@ def run_contention(sizes, threads, blocks, json_path):
     print(f"fastrelu {machine['fastrelu']} on {machine['cpu']}: {machine['simd']}; load average "
           f"{before}; a process spinning on one core; leaky_relu forward, each call timed")
     results = contention(sizes, threads, found, blocks)
-    head = f"{'elements':>10}  {'variant':<20}{'median':>11}{'p90':>11}{'p90 / 1-thread median':>24}"
+    head = (f"{'elements':>10}  {'variant':<20}{'median':>11}{'p90':>11}"
+            f"{'p90 / 1-thread median':>24}")
     print(head)
     print("-" * len(head))
     for r in results:
