@@ -61,27 +61,35 @@ def main(argv=None):
     commands.add_parser("info", help="SIMD level, threads, versions and GPU backend state")
     b = commands.add_parser(
         "bench", help="time every op against a memory copy, NumPy, PyTorch and numexpr",
-        description="Times every op, forward and backward, side by side with a memory copy of "
-        "the same bytes (the roofline), the NumPy recipe, and PyTorch and numexpr when installed. "
-        "Every option is checked before anything is timed.")
+        description="Times every op, forward and backward, against ReLU, a memory copy of the "
+        "same bytes (the roofline), the NumPy recipe, and PyTorch and numexpr when installed: "
+        "every comparison is the median of per-round ratios of interleaved samples, with its "
+        "interquartile range. Then the ops on values of each sign and with subnormal products, "
+        "channels-last against contiguous data, one training step with each activation, and "
+        "PReLU against PyTorch autograd. Every option is checked before anything is timed.")
     b.add_argument("--quick", action="store_true",
-                   help="small sizes only, 3 repeats, no PReLU autograd comparison (< 20 s); "
-                   "--sizes and --repeats, when given, win")
+                   help="small sizes only, 5 rounds, the size sweep only (seconds); --sizes and "
+                   "--repeats, when given, win")
     b.add_argument("--sizes", help="comma-separated element counts (1000 or 1e3; multiples of "
                    "100 when prelu or relu_stats is timed, as their data is (N, 100); at most "
                    "what memory holds) or 'stream' (4x the last-level cache, the L2 cache on the "
                    "GPU); default 1e3,1e5,1e6,stream (--device cuda: 1e3,1e4,1e6,1e8)")
     b.add_argument("--ops", help="comma-separated subset of relu,leaky_relu,prelu,elu,relu_stats")
-    b.add_argument("--dtypes", help="comma-separated subset of float16,float32,float64 "
-                   "(default float32)")
+    b.add_argument("--dtypes", help="comma-separated subset of float16,bfloat16,float32,float64 "
+                   "(default float32; bfloat16 needs ml_dtypes and the CPU)")
     b.add_argument("--threads", type=positive_int, help="threads for fastrelu and its peers, "
                    "at most the logical CPUs (CPU report only)")
     b.add_argument("--repeats", type=positive_int,
-                   help="samples per measurement (default 7, quick 3)")
+                   help="rounds of interleaved samples per comparison (default 15, down to 5 for "
+                   "slow ones; quick 5; --contention: blocks per variant, default 10)")
     b.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
     b.add_argument("--plot", metavar="PATH", help="write a PNG plot (needs matplotlib)")
     b.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: the GPU report, on CuPy arrays (needs CuPy and numba-cuda)")
+    b.add_argument("--contention", action="store_true",
+                   help="instead of the report: leaky_relu's per-call median and 90th percentile "
+                   "with --threads (default: all) and with 1 thread, and PyTorch's, while a "
+                   "process spins on one core (--sizes, default 1e5,1e6,1e7)")
     e = commands.add_parser(
         "experiment", help="train one MLP with each activation: accuracy, dead units, time",
         description="Trains the same MLP with ReLU, Leaky ReLU (0.01, 0.2), PReLU and ELU in "

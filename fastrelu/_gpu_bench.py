@@ -3,12 +3,13 @@
 The CPU report's sweep (fastrelu._report) with the data on the GPU: the roofline is a
 device-to-device copy of the same bytes (CuPy's own copy); peers are the NumPy recipe run by
 CuPy and PyTorch CUDA when installed.  Times come from CUDA events around many calls on the
-default stream, medians of repeats; the per-call time at the smallest size (where no kernel has
-work to speak of: the launch overhead) is reported beside PyTorch's.
+default stream, in the CPU report's interleaved rounds; the per-call time at the smallest size
+(where no kernel has work to speak of: the launch overhead) is reported beside PyTorch's.
 """
+import dataclasses
 import functools
 
-from ._report import (Backend, UsageError, format_time, human_size, installed,
+from ._report import (Backend, UsageError, format_time, human_size, installed, is_bfloat16,
                       machine_description, plot_report, report_options, size_plan, sweep,
                       write_json)
 from ._runtime import get_num_threads
@@ -55,7 +56,7 @@ def cuda_backend():
     backend = Backend(xp=cupy, copy=lambda src, dst: cupy.copyto(dst, src), timer=cuda_timed,
                       torch_device="cuda",
                       cache=("L2 cache", cuda.get_current_device().L2_CACHE_SIZE),
-                      memory=("GPU memory", free_bytes), first_call_compiles=True)
+                      memory=("GPU memory", free_bytes))
     peers = installed(("torch",))
     if peers:
         import torch
@@ -71,6 +72,10 @@ def prepare(args):
     options = report_options(args, GPU_SIZES, QUICK_GPU_SIZES)
     if args.threads is not None:
         raise UsageError("--threads sets CPU threads; the GPU report (--device cuda) has none")
+    if args.contention:
+        raise UsageError("--contention shares CPU cores; the GPU report (--device cuda) has none")
+    if any(is_bfloat16(dt) for dt in options.dtypes):
+        raise UsageError("--dtypes: bfloat16 runs on the CPU only; the GPU kernels have none yet")
     backend, state, peers = cuda_backend()
     sizes = size_plan(options.sizes, options.dtypes, backend)
     return functools.partial(run, options, backend, sizes, state, peers)
@@ -78,12 +83,13 @@ def prepare(args):
 
 def run(options, backend, sizes, state, peers):
     library = backend.xp.__name__
-    repeats = options.repeats
+    timing = dataclasses.replace(options.timing, timer=backend.timer)
     print(f"fastrelu GPU on {state['device']} (numba {state['numba']}); arrays: {library} "
           f"{backend.xp.__version__}; peers: "
           f"{', '.join(f'{k} {v}' for k, v in peers.items()) or 'none'}; "
-          f"medians of {repeats} repeats, CUDA events")
-    rows = sweep(sizes, options.ops, peers, backend, repeats, options.min_time)
+          f"CUDA events, interleaved rounds ({timing.rounds}, or {timing.min_rounds} for slow "
+          "groups), medians of per-round ratios")
+    rows = sweep(sizes, options.ops, peers, backend, timing)
     smallest = min(n for n, _ in sizes)
     for dtype in options.dtypes:
         small = [r for r in rows if r["elements"] == smallest and r["dtype"] == dtype.name]
@@ -96,7 +102,7 @@ def run(options, backend, sizes, state, peers):
         write_json(options.json, {"machine": machine_description(get_num_threads()),
                                   "device": state, "peers": {library: backend.xp.__version__,
                                                              **peers},
-                                  "repeats": repeats, "rows": rows})
+                                  "rounds": timing.rounds, "rows": rows})
     if options.plot is not None:
         plot_report(options.pyplot, rows, options.plot, library)
     return 0

@@ -2,6 +2,7 @@
 (the CPU and the GPU report run the same sweep), the checks of their options, the machine they
 run on, and the progress bar and matplotlib loader the experiment uses too."""
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -23,8 +24,10 @@ OPS = ("relu", "leaky_relu", "prelu", "elu", "relu_stats")  # relu_stats: relu(s
 SLOPE, ALPHA, CHANNELS = 0.01, 1.0, 100  # PReLU data is (N, CHANNELS), axis 1: an MLP layer
 CHANNEL_OPS = ("prelu", "relu_stats")  # the ops timed on the (N, CHANNELS) view of the data
 FLOAT_DTYPES = tuple(np.dtype(name) for name in ("float16", "float32", "float64"))
-# n-element arrays live at once in a comparison: x, grad, out, the copy buffers of 1.5 arrays
-# each, the recipes' temporaries; they may fill this share of the available memory
+DTYPE_NAMES = "float16, bfloat16, float32 or float64"
+# n-element arrays live at once in a comparison: x and grad, out and the half array more that the
+# copy writes, the recipes' temporaries, fastrelu's and the peers' allocated results; they may fill
+# this share of the available memory
 LIVE_ARRAYS, MEMORY_SHARE = 11, 0.7
 
 
@@ -78,12 +81,29 @@ def size_entries(text, ops):
     return sizes
 
 
+def is_bfloat16(dtype):
+    return dtype.name == "bfloat16" and dtype.kind == "V"
+
+
+def bfloat16_dtype():
+    """ml_dtypes' bfloat16, or UsageError when ml_dtypes is not installed."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise UsageError("--dtypes: bfloat16 needs ml_dtypes: pip install 'fastrelu[bfloat16]'") \
+            from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 def parse_dtypes(text):
     """--dtypes as NumPy dtypes, each one fastrelu computes in, none twice."""
     dtypes = []
     for entry in entries("--dtypes", text, "dtype"):
-        unknown = UsageError(f"--dtypes: {entry} is not float16, float32 or float64, the types "
-                             "fastrelu computes in")
+        unknown = UsageError(f"--dtypes: {entry} is not {DTYPE_NAMES}, the types fastrelu "
+                             "computes in")
+        if entry == "bfloat16":
+            dtypes.append(bfloat16_dtype())
+            continue
         try:
             with warnings.catch_warnings():  # deprecated aliases ('a') are refused all the same
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -135,14 +155,42 @@ def pyplot():
     return plt
 
 
+def timed(fn, calls=1):
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """How a report measures: rounds of interleaved samples, each at least min_time long; no new
+    round once a group has had min_rounds and budget seconds."""
+    rounds: int
+    min_rounds: int
+    min_time: float
+    budget: float
+    timer: object = timed  # timer(fn, calls) -> seconds per call
+
+
+def default_timing(rounds=None):
+    """Up to 15 rounds of 2 ms samples in a second; 3 rounds at least."""
+    rounds = rounds or 15
+    return Timing(rounds=rounds, min_rounds=min(3, rounds), min_time=0.002, budget=1.0)
+
+
+def quick_timing(rounds=None):
+    rounds = rounds or 5
+    return Timing(rounds=rounds, min_rounds=min(3, rounds), min_time=0.0005, budget=0.2)
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
     """The checked options of a benchmark report; sizes wait for the device to be resolved."""
     sizes: list  # [(entry, elements or None)], see size_entries
     ops: tuple
     dtypes: list
-    repeats: int
-    min_time: float  # seconds each sample lasts at least
+    timing: Timing
     quick: bool
     json: Optional[str]  # paths
     plot: Optional[str]
@@ -150,8 +198,8 @@ class Options:
 
 
 def report_options(args, default_sizes, quick_sizes):
-    """The options the CPU and the GPU report share, checked; --sizes and --repeats, when given,
-    win over what --quick picks."""
+    """The options the CPU and the GPU report share, checked; --sizes and --repeats (the rounds),
+    when given, win over what --quick picks."""
     sizes = args.sizes if args.sizes is not None else \
         ",".join(quick_sizes if args.quick else default_sizes)
     ops = tuple(entries("--ops", args.ops, "op", OPS)) if args.ops is not None else OPS
@@ -159,8 +207,7 @@ def report_options(args, default_sizes, quick_sizes):
         sizes=size_entries(sizes, ops),
         ops=ops,
         dtypes=parse_dtypes(args.dtypes if args.dtypes is not None else "float32"),
-        repeats=args.repeats if args.repeats is not None else (3 if args.quick else 7),
-        min_time=0.002 if args.quick else 0.01,
+        timing=quick_timing(args.repeats) if args.quick else default_timing(args.repeats),
         quick=args.quick, json=args.json, plot=args.plot,
         pyplot=check_outputs(args.json, args.plot))
 
@@ -246,7 +293,6 @@ class Backend:
     torch_device: str
     cache: tuple  # (name, bytes or None)
     memory: tuple  # (name, bytes available or None)
-    first_call_compiles: bool = False  # numba compiles a GPU kernel on its first call
 
     def max_elements(self, itemsize):
         """The largest size whose arrays fit in memory, or None if memory is unknown."""
@@ -254,9 +300,9 @@ class Backend:
         return None if memory is None else int(memory * MEMORY_SHARE) // (LIVE_ARRAYS * itemsize)
 
     def stream_elements(self, itemsize):
-        """STREAM size: each array 4x the cache (2^26 elements at least), held to what memory
-        allows; the report states the multiple of the cache it reached."""
-        n = max(2**26, 4 * (self.cache[1] or 32 * 2**20) // itemsize)
+        """STREAM size: each array 4x the cache (taken as 32 MiB when unknown), held to what
+        memory allows; the report states the multiple of the cache it reached."""
+        n = 4 * (self.cache[1] or 32 * 2**20) // itemsize
         limit = self.max_elements(itemsize)
         return (n if limit is None else min(n, limit)) // 1000 * 1000
 
@@ -286,49 +332,79 @@ def size_plan(sizes, dtypes, backend):
     return plan
 
 
-# ---- the implementations ------------------------------------------------------------------------
+# ---- the data -----------------------------------------------------------------------------------
+
+# the values an op is timed on: a multiply's speed can depend on them (subnormal results)
+VALUE_CASES = ("mixed", "positive", "negative", "subnormal")
+
+
+def input_values(case, n, dtype, rng):
+    """n values of one case, as float32 to be cast: mixed signs (standard normal), all positive,
+    all negative, or negative values whose products with the slopes (0.01, and PReLU's 0.25) are
+    subnormal in `dtype`: -tiny * [1, 4), tiny being its smallest normal number."""
+    if case == "subnormal":
+        tiny = np.float32(finfo(dtype).tiny)  # bfloat16's and float32's are the same number
+        return -tiny * rng.uniform(1, 4, n).astype(np.float32)
+    values = rng.standard_normal(n, dtype=np.float32)
+    return {"mixed": values, "positive": np.abs(values), "negative": -np.abs(values)}[case]
+
+
+def finfo(dtype):
+    if is_bfloat16(dtype):
+        import ml_dtypes
+
+        return ml_dtypes.finfo(dtype)
+    return np.finfo(dtype)
+
 
 class Data:
-    """The arrays of one size and dtype in the backend's library: x, grad, out buffers and their
-    (N, CHANNELS) views, weights, and copy buffers."""
+    """The arrays of one size, dtype and value case in the backend's library, shared by every
+    implementation: x and grad (one buffer), out, their (N, CHANNELS) views, weights; the roofline
+    copy reads and writes the same buffers (x -> out forward, 1.5 n elements from x on backward)."""
 
-    def __init__(self, n, dtype, backend, seed=0):
+    def __init__(self, n, dtype, backend, values="mixed", seed=0):
         xp = backend.xp
         rng = np.random.default_rng(seed)
         self.n, self.dtype, self.backend = n, np.dtype(dtype), backend
-        self.x = xp.asarray(rng.standard_normal(n, dtype=np.float32).astype(dtype, copy=False))
-        self.g = xp.asarray(rng.standard_normal(n, dtype=np.float32).astype(dtype, copy=False))
-        self.out = xp.empty_like(self.x)
+        inputs = xp.asarray(input_values(values, 2 * n, self.dtype, rng).astype(self.dtype))
+        outputs = xp.empty(n + n // 2, self.dtype)
+        outputs.fill(0)  # touch every page now, so that no timed call pays the page faults
+        self.x, self.g, self.out = inputs[:n], inputs[n:], outputs[:n]
+        self.copy_src, self.copy_dst = inputs[:len(outputs)], outputs
         # the whole arrays when n is a multiple of CHANNELS, as size_entries makes sure it is
         # whenever an op on these views is timed
         rows = n // CHANNELS
         self.x_nc, self.g_nc, self.out_nc = (
             a[:rows * CHANNELS].reshape(rows, CHANNELS) for a in (self.x, self.g, self.out))
-        self.w = xp.full(CHANNELS, 0.25, dtype)
+        self.w = xp.full(CHANNELS, 0.25, self.dtype)
         self.gw = xp.empty_like(self.w)
-        self.copy_src = xp.ones(n * 3 // 2, dtype)
-        self.copy_dst = xp.ones_like(self.copy_src)
-        self.out.fill(0)  # touch every page now, so that no timed call pays the page faults
 
 
-def fastrelu_impls(d):
+# ---- the implementations ------------------------------------------------------------------------
+
+def fastrelu_impls(d, allocate=False):
+    """fastrelu writing into the preallocated outputs, or, with allocate, returning new ones."""
+    def out(*buffers):
+        return None if allocate else (buffers[0] if len(buffers) == 1 else buffers)
+
     return {
-        ("relu", "fwd"): lambda: relu(d.x, out=d.out),
-        ("relu", "bwd"): lambda: relu_backward(d.g, d.x, out=d.out),
-        ("leaky_relu", "fwd"): lambda: leaky_relu(d.x, SLOPE, out=d.out),
-        ("leaky_relu", "bwd"): lambda: leaky_relu_backward(d.g, d.x, SLOPE, out=d.out),
-        ("prelu", "fwd"): lambda: prelu(d.x_nc, d.w, 1, out=d.out_nc),
-        ("prelu", "bwd"): lambda: prelu_backward(d.g_nc, d.x_nc, d.w, 1, out=(d.out_nc, d.gw)),
-        ("elu", "fwd"): lambda: elu(d.x, ALPHA, out=d.out),
-        ("elu", "bwd"): lambda: elu_backward(d.g, d.x, ALPHA, out=d.out),
-        ("relu_stats", "fwd"): lambda: relu(d.x_nc, out=d.out_nc, stats=True, axis=1),
+        ("relu", "fwd"): lambda: relu(d.x, out=out(d.out)),
+        ("relu", "bwd"): lambda: relu_backward(d.g, d.x, out=out(d.out)),
+        ("leaky_relu", "fwd"): lambda: leaky_relu(d.x, SLOPE, out=out(d.out)),
+        ("leaky_relu", "bwd"): lambda: leaky_relu_backward(d.g, d.x, SLOPE, out=out(d.out)),
+        ("prelu", "fwd"): lambda: prelu(d.x_nc, d.w, 1, out=out(d.out_nc)),
+        ("prelu", "bwd"): lambda: prelu_backward(d.g_nc, d.x_nc, d.w, 1, out=out(d.out_nc, d.gw)),
+        ("elu", "fwd"): lambda: elu(d.x, ALPHA, out=out(d.out)),
+        ("elu", "bwd"): lambda: elu_backward(d.g, d.x, ALPHA, out=out(d.out)),
+        ("relu_stats", "fwd"): lambda: relu(d.x_nc, out=out(d.out_nc), stats=True, axis=1),
     }
 
 
 def recipe_impls(d):
-    """The NumPy recipes people write today (fastrelu.reference), run by the arrays' library.
-    CuPy takes NumPy's calls through its array protocols, all but PReLU's: reference converts the
-    weight with np.asarray, which CuPy refuses."""
+    """The NumPy recipes people write today (fastrelu.reference), run by the arrays' library;
+    they allocate their results, and compute float16 and bfloat16 in float32.  CuPy takes NumPy's
+    calls through its array protocols, all but PReLU's: reference converts the weight with
+    np.asarray, which CuPy refuses."""
     impls = {
         ("relu", "fwd"): lambda: reference.relu(d.x),
         ("relu", "bwd"): lambda: reference.relu_backward(d.g, d.x),
@@ -348,13 +424,23 @@ def maximum_impls(d):
     return {("relu", "fwd"): lambda: d.backend.xp.maximum(d.x, 0, out=d.out)}
 
 
+def as_tensor(a, device):
+    """A PyTorch tensor on the memory of `a`; bfloat16 arrays through their bits, which PyTorch
+    reads as its own bfloat16."""
+    import torch
+
+    if is_bfloat16(a.dtype):
+        return torch.as_tensor(a.view(np.int16), device=device).view(torch.bfloat16)
+    return torch.as_tensor(a, device=device)
+
+
 def torch_impls(d):
-    """PyTorch's kernels (the ones autograd calls) on the same memory, writing into preallocated
-    outputs where they can."""
+    """PyTorch's kernels (the ones autograd calls) on the same memory, writing into the
+    preallocated outputs, all but PReLU's, which allocate theirs."""
     import torch
 
     aten = torch.ops.aten
-    x, g, out, x_nc, g_nc, w = (torch.as_tensor(a, device=d.backend.torch_device)
+    x, g, out, x_nc, g_nc, w = (as_tensor(a, d.backend.torch_device)
                                 for a in (d.x, d.g, d.out, d.x_nc, d.g_nc, d.w))
     return {
         ("relu", "fwd"): lambda: aten.threshold.out(x, 0, 0, out=out),
@@ -371,8 +457,11 @@ def torch_impls(d):
 
 
 def numexpr_impls(d):
+    """numexpr, writing into the preallocated outputs; it has no bfloat16."""
     import numexpr as ne
 
+    if is_bfloat16(d.dtype):
+        return {}
     x, g, out, s, a = d.x, d.g, d.out, d.dtype.type(SLOPE), d.dtype.type(ALPHA)
     x_nc, out_nc, w = d.x_nc, d.out_nc, d.w
     expr = {
@@ -392,64 +481,135 @@ def numexpr_impls(d):
 def copy_impls(d):
     """The roofline: a copy of the bytes an op moves, n elements forward, 1.5 n backward."""
     copy, n = d.backend.copy, d.n
-    fwd = (d.copy_src[:n], d.copy_dst[:n])
     return {
-        "fwd": lambda: copy(*fwd),
-        "bwd": lambda: copy(d.copy_src, d.copy_dst),
+        ("copy", "fwd"): lambda: copy(d.copy_src[:n], d.copy_dst[:n]),
+        ("copy", "bwd"): lambda: copy(d.copy_src, d.copy_dst),
     }
 
 
 PEER_IMPLS = {"torch": torch_impls, "numexpr": numexpr_impls}
+FASTRELU, ALLOCATING_FASTRELU = "fastrelu", "fastrelu-alloc"
 
 
 def implementations(d, ops, peers):
-    """{(implementation, op, direction): call} for one size and dtype: fastrelu, the NumPy recipe
-    and np.maximum in the arrays' library (named after it), the installed peers, and the copy."""
+    """{(implementation, op, direction): call} for one size and dtype: fastrelu (into out= and
+    allocating), the NumPy recipe and np.maximum in the arrays' library (named after it), the
+    installed peers, and the copy (op 'copy')."""
     library = d.backend.xp.__name__
-    makers = {"fastrelu": fastrelu_impls, library: recipe_impls,
-              f"{library}-maximum": maximum_impls, **{p: PEER_IMPLS[p] for p in peers}}
+    makers = {FASTRELU: fastrelu_impls,
+              ALLOCATING_FASTRELU: functools.partial(fastrelu_impls, allocate=True),
+              library: recipe_impls, f"{library}-maximum": maximum_impls,
+              **{p: PEER_IMPLS[p] for p in peers}}
     impls = {(name,) + key: fn for name, make in makers.items() for key, fn in make(d).items()
              if key[0] in ops}
-    for direction, fn in copy_impls(d).items():
-        impls[("copy", "copy", direction)] = fn
+    impls.update({("copy",) + key: fn for key, fn in copy_impls(d).items()})
     return impls
+
+
+def allocates(impl, op, library):
+    """Whether an implementation returns a new array rather than filling a preallocated one."""
+    return impl in (ALLOCATING_FASTRELU, library) or (impl == "torch" and op == "prelu")
 
 
 # ---- timing -------------------------------------------------------------------------------------
 
-SLOW_CALL = 0.5  # seconds: a call this slow is timed once, not repeated (NumPy at STREAM size)
+SPREAD_LIMIT = 0.10  # a ratio whose interquartile range is wider than this share of it is unstable
+ATTEMPTS = 3  # measurements of a group, at most, while one of its ratios is unstable
 
 
-def timed(fn, calls=1):
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - t0) / calls
+def quartiles(values):
+    if len(values) == 1:
+        return values * 3
+    return statistics.quantiles(values, n=4, method="inclusive")
 
 
-def time_side_by_side(impls, repeats, min_time, progress, timer=timed):
-    """Median seconds per call, and the number of samples, of each implementation.
+def ratio_summary(numerators, denominators):
+    """Median and quartiles of per-round ratios, and whether their spread is over SPREAD_LIMIT."""
+    q1, median, q3 = quartiles([a / b for a, b in zip(numerators, denominators)])
+    return {"ratio": median, "q1": q1, "q3": q3, "unstable": (q3 - q1) / median > SPREAD_LIMIT}
 
-    Each implementation is called once first (page faults, first-call costs); each of its samples
-    then runs enough calls to last min_time.  One implementation is sampled `repeats` times before
-    the next, so that thread pools of other runtimes (OpenMP teams spin for a while after a
-    parallel region) have gone quiet for all but its first sample, which the median discounts.
-    An implementation whose first call takes longer than SLOW_CALL is timed by that call alone."""
-    timings = {}
-    for key, fn in impls.items():
-        first = timer(fn)
-        if first > SLOW_CALL:
-            timings[key] = (first, 1)
-            progress(repeats + 1)
-            continue
-        calls = max(1, math.ceil(min_time / max(timer(fn), 1e-9)))
-        progress()
-        samples = []
-        for _ in range(repeats):
-            samples.append(timer(fn, calls))
-            progress()
-        timings[key] = (statistics.median(samples), len(samples))
-    return timings
+
+def spread(summary):
+    return (summary["q3"] - summary["q1"]) / summary["ratio"]
+
+
+BATCH_TIME = 20e-6  # seconds a batch of calls lasts at least: the clock's cost stays under 1%
+
+
+def calls_per_batch(fn, timing):
+    """(seconds of one call, calls per batch) after a first call (page faults, compilation,
+    first-call costs); a short call is timed 5 times and the fastest counts.  The first calls
+    count towards the group's budget."""
+    fn()
+    once = timing.timer(fn)
+    if once < timing.min_time:
+        once = min([once] + [timing.timer(fn) for _ in range(4)])
+    return once, max(1, math.ceil(BATCH_TIME / max(once, 1e-9)))
+
+
+def sample(fn, calls, timing):
+    """Seconds per call of the fastest batch of `calls` calls in at least min_time: work that
+    shares the machine only ever adds time, so the fastest batch is the op's own cost."""
+    best, start = math.inf, time.perf_counter()
+    while best == math.inf or time.perf_counter() - start < timing.min_time:
+        best = min(best, timing.timer(fn, calls))
+    return best
+
+
+def interleaved_samples(impls, timing):
+    """{key: [seconds per call, one sample per round]}.
+
+    Each implementation is sampled once per round, in the group's order in even rounds and the
+    reverse in odd ones: two implementations' samples of one round are close in time, so what
+    the machine's load does to one it does to the other, and drift cancels over pairs of rounds.
+    A sample of short calls is preceded by an untimed call, so that it starts with its own
+    thread pool awake and its own data in cache."""
+    started = time.perf_counter()
+    calibration = {key: calls_per_batch(fn, timing) for key, fn in impls.items()}
+    keys = list(impls)
+    samples = {key: [] for key in keys}
+    for r in range(timing.rounds):
+        if r >= timing.min_rounds and time.perf_counter() - started > timing.budget:
+            break
+        for key in keys if r % 2 == 0 else reversed(keys):
+            once, calls = calibration[key]
+            if once < timing.min_time:
+                impls[key]()
+            samples[key].append(sample(impls[key], calls, timing))
+    return samples
+
+
+@dataclasses.dataclass
+class Measurement:
+    seconds: dict  # key -> median seconds per call
+    ratios: dict  # name -> ratio_summary
+    rounds: int
+    attempts: int
+
+    @property
+    def widest(self):
+        return max((spread(s) for s in self.ratios.values()), default=0.0)
+
+
+def measure(impls, pairs, timing):
+    """Times `impls` in interleaved rounds; `pairs` names the ratios wanted, {name: (numerator
+    key, denominator key)}.  While a ratio's spread is over SPREAD_LIMIT the group is measured
+    again, up to ATTEMPTS times and while earlier attempts took less than twice the budget, and
+    the attempt whose widest spread is narrowest is kept: a burst of load on the machine widens
+    one attempt, and does not become the result."""
+    best, started = None, time.perf_counter()
+    for attempt in range(1, ATTEMPTS + 1):
+        samples = interleaved_samples(impls, timing)
+        m = Measurement(seconds={k: statistics.median(v) for k, v in samples.items()},
+                        ratios={name: ratio_summary(samples[a], samples[b])
+                                for name, (a, b) in pairs.items()},
+                        rounds=len(next(iter(samples.values()))), attempts=attempt)
+        if best is None or m.widest < best.widest:
+            best = m
+        if best.widest <= SPREAD_LIMIT or time.perf_counter() - started > 2 * timing.budget:
+            break
+    best.attempts = attempt
+    return best
 
 
 class Progress:
@@ -478,69 +638,106 @@ class Progress:
 
 # ---- the sweep ----------------------------------------------------------------------------------
 
-def report_rows(d, ops, timings):
-    """A row per fastrelu op and direction of one size and dtype: its time against the copy's
-    and every peer's."""
-    seconds = {key: t for key, (t, _) in timings.items()}
-    peers = [name for name in dict.fromkeys(key[0] for key in timings)
-             if name not in ("fastrelu", "copy")]
-    n = d.n
-    rows = []
-    itemsize = d.dtype.itemsize
-    for op in ops:
-        for direction in ("fwd", "bwd"):
-            if ("fastrelu", op, direction) not in seconds:
-                continue
-            t = seconds[("fastrelu", op, direction)]
-            nbytes = (2 if direction == "fwd" else 3) * n * itemsize
-            row = {
-                "op": op, "direction": direction, "dtype": d.dtype.name, "elements": n,
-                "bytes": nbytes, "seconds": t, "gb_per_s": nbytes / t / 1e9,
-                "copy_seconds": seconds[("copy", "copy", direction)],
-                "roofline_fraction": seconds[("copy", "copy", direction)] / t,
-                "peers": {},
-            }
-            for peer in peers:
-                if (peer, op, direction) in seconds:
-                    row["peers"][peer] = seconds[(peer, op, direction)]
-            row["samples"] = {impl: timings[(impl, op, direction)][1]
-                              for impl in ("fastrelu", *row["peers"])}
-            rows.append(row)
-    return rows
+def op_directions(ops):
+    return [(op, direction) for op in ops for direction in ("fwd", "bwd")
+            if (op, direction) != ("relu_stats", "bwd")]
 
 
-def time_size(d, ops, peers, repeats, min_time, progress):
-    impls = implementations(d, ops, peers)
-    if d.backend.first_call_compiles:  # compiling is no part of a call's time
-        for fn in impls.values():
-            fn()
-    timings = time_side_by_side(impls, repeats, min_time, progress, d.backend.timer)
-    return report_rows(d, ops, timings)
+def row_groups(impls, op, direction, library):
+    """The two interleaved groups that give one op and direction its ratios, as (implementations,
+    {ratio name: (numerator, denominator)}): what writes into preallocated outputs (fastrelu, the
+    copy, ReLU for the cost over it, the peers that take an out=), and what allocates (fastrelu
+    allocating, fastrelu into out= for the cost of allocating, the peers that allocate)."""
+    fast, alloc = (FASTRELU, op, direction), (ALLOCATING_FASTRELU, op, direction)
+    into_out = {"copy": (("copy", "copy", direction), fast)}
+    relu_key = (FASTRELU, "relu", direction)
+    if op != "relu" and relu_key in impls:
+        into_out["relu"] = (fast, relu_key)
+    allocating = {"alloc": (alloc, fast)}
+    for key in impls:
+        impl, key_op, key_direction = key
+        if (key_op, key_direction) == (op, direction) and impl not in (FASTRELU,
+                                                                       ALLOCATING_FASTRELU):
+            if allocates(impl, op, library):
+                allocating[impl] = (key, alloc)
+            else:
+                into_out[impl] = (key, fast)
+    return [({k: impls[k] for pair in pairs.values() for k in pair}, pairs)
+            for pairs in (into_out, allocating)]
 
 
-def sweep(sizes, ops, peers, backend, repeats, min_time):
-    """Times every implementation at each (elements, dtype) of `sizes` and prints each one's
+def time_row(d, impls, op, direction, timing):
+    """One op and direction at one size and dtype: fastrelu's time, and each ratio's median and
+    spread (x copy: copy time / op time; relu: op time / relu time; alloc: allocating / into out=;
+    a peer: its time / fastrelu's of the same kind)."""
+    library = d.backend.xp.__name__
+    seconds, ratios, rounds, attempts = {}, {}, [], []
+    for group, pairs in row_groups(impls, op, direction, library):
+        m = measure(group, pairs, timing)
+        seconds.update({k: t for k, t in m.seconds.items() if k not in seconds})
+        ratios.update(m.ratios)
+        rounds.append(m.rounds)
+        attempts.append(m.attempts)
+    t = seconds[(FASTRELU, op, direction)]
+    nbytes = (2 if direction == "fwd" else 3) * d.n * d.dtype.itemsize
+    peers = [name for name in ratios if name not in ("copy", "relu", "alloc")]
+    return {
+        "op": op, "direction": direction, "dtype": d.dtype.name, "elements": d.n,
+        "bytes": nbytes, "seconds": t, "gb_per_s": nbytes / t / 1e9,
+        "alloc_seconds": seconds[(ALLOCATING_FASTRELU, op, direction)],
+        "copy_seconds": seconds[("copy", "copy", direction)],
+        "roofline_fraction": ratios["copy"]["ratio"],
+        "peers": {p: seconds[(p, op, direction)] for p in peers},
+        "peers_allocate": [p for p in peers if allocates(p, op, library)],
+        "ratios": ratios, "rounds": rounds, "attempts": attempts,
+        "unstable": sorted(name for name, r in ratios.items() if r["unstable"]),
+    }
+
+
+def sweep(sizes, ops, peers, backend, timing):
+    """Times every op and direction at each (elements, dtype) of `sizes` and prints each one's
     table as it is done; returns all the rows."""
-    per_size = len(implementations(Data(CHANNELS, sizes[0][1], backend), ops, peers))
-    progress = Progress(len(sizes) * per_size * (repeats + 1))
-    columns = [backend.xp.__name__, *peers]
+    rows_per_size = len(op_directions(ops))
+    progress = Progress(len(sizes) * rows_per_size)
+    columns = [backend.xp.__name__, f"{backend.xp.__name__}-maximum", *peers]
     cache_name, cache = backend.cache
     all_rows = []
     for n, dt in sizes:
-        progress.label = f"{dt.name} {human_size(n)}"
-        rows = time_size(Data(n, dt, backend), ops, peers, repeats, min_time, progress)
+        d = Data(n, dt, backend)
+        impls = implementations(d, ops, peers)
+        rows = []
+        for op, direction in op_directions(ops):
+            progress.label = f"{dt.name} {human_size(n)} {op} {direction}"
+            rows.append(time_row(d, impls, op, direction, timing))
+            progress()
+        del d, impls  # before the next size's arrays
         all_rows.extend(rows)
         cache_note = f", {n * dt.itemsize / cache:.1f}x the {cache_name}" if cache else ""
         print(f"\n{dt.name}, {human_size(n)} elements "
               f"({n * dt.itemsize / 2**20:.1f} MiB per array{cache_note}):")
         print(format_table(rows, columns))
-        single = sorted({impl for r in rows for impl, k in r["samples"].items() if k == 1})
-        if single and repeats > 1:
-            print(f"  ({', '.join(single)}: one call each, over {SLOW_CALL} s a call)")
+    print(TABLE_LEGEND.format(library=backend.xp.__name__, limit=SPREAD_LIMIT,
+                              attempts=ATTEMPTS))
     return all_rows
 
 
+def cost_ratios(rows):
+    """time(op) / time(relu) of every row that has it, with its quartiles."""
+    return [{"dtype": r["dtype"], "elements": r["elements"], "direction": r["direction"],
+             "op": r["op"], **r["ratios"]["relu"]} for r in rows if "relu" in r["ratios"]]
+
+
 # ---- the report ---------------------------------------------------------------------------------
+
+TABLE_LEGEND = """
+x copy: the copy's time over the op's; /relu: the op's time over ReLU's (the cost of the op);
+alloc: fastrelu returning a new array over fastrelu writing into out=; vs X: X's time over
+fastrelu's, both writing into preallocated outputs, except for the NumPy recipe ({library}) and
+PyTorch's PReLU, which allocate their results and are set against fastrelu allocating (*);
+every figure is the median of per-round ratios of interleaved samples; iqr: the widest
+interquartile range of the row's ratios, over the ratio; !: wider than {limit:.0%} in the
+narrowest of up to {attempts} measurements."""
+
 
 def human_size(n):
     exp = int(math.log10(n))
@@ -552,15 +749,22 @@ def format_time(t):
 
 
 def format_table(rows, peer_columns):
-    head = f"{'op':<11}{'dir':<5}{'time':>11}{'GB/s':>8}{'x copy':>8}" + \
-        "".join(f"{'vs ' + p:>11}" for p in peer_columns)
+    head = f"{'op':<11}{'dir':<5}{'time':>11}{'GB/s':>8}{'x copy':>8}{'/relu':>7}{'alloc':>7}" + \
+        "".join(f"{'vs ' + p:>{max(11, len(p) + 4)}}" for p in peer_columns) + f"{'iqr':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
+        ratio = r["ratios"]
+        cost = f"{ratio['relu']['ratio']:>7.2f}" if "relu" in ratio else f"{'-':>7}"
         line = (f"{r['op']:<11}{r['direction']:<5}{format_time(r['seconds']):>11}"
-                f"{r['gb_per_s']:>8.1f}{r['roofline_fraction']:>8.2f}")
+                f"{r['gb_per_s']:>8.1f}{r['roofline_fraction']:>8.2f}{cost}"
+                f"{ratio['alloc']['ratio']:>7.2f}")
         for p in peer_columns:
-            t = r["peers"].get(p)
-            line += f"{t / r['seconds']:>10.1f}x" if t else f"{'-':>11}"
+            width = max(11, len(p) + 4)
+            mark = "*" if p in r["peers_allocate"] else "x"
+            line += f"{ratio[p]['ratio']:>{width - 1}.1f}{mark}" if p in ratio else \
+                f"{'-':>{width}}"
+        widest = max(spread(s) for s in ratio.values())
+        line += f"{widest:>5.0%}" + ("!" if r["unstable"] else " ")
         lines.append(line)
     return "\n".join(lines)
 
@@ -571,10 +775,16 @@ def write_json(path, result):
     print(f"\nwrote {path}")
 
 
-def plot_report(plt, rows, path, baseline):
+def plot_report(plt, rows, path, baseline, extra_panels=()):
     """The fraction of the copy roofline, and the speed-up over `baseline` (the NumPy recipe in
-    the arrays' library), of each op and direction against size, every dtype timed."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    the arrays' library), of each op and direction against size, every dtype timed; then one
+    panel per entry of extra_panels, each a function drawing on the axes it is given."""
+    panels = 2 + len(extra_panels)
+    columns = 2
+    fig, axes = plt.subplots((panels + 1) // columns, columns, figsize=(12, 4.5 * ((panels + 1)
+                                                                                   // columns)),
+                             squeeze=False)
+    axes = axes.ravel()
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
     for dtype in dtypes:
         for op in OPS:
@@ -587,16 +797,20 @@ def plot_report(plt, rows, path, baseline):
                 label = f"{op} {direction}" + (f" {dtype}" if len(dtypes) > 1 else "")
                 axes[0].plot([n for n, _ in pts], [r["roofline_fraction"] for _, r in pts], style,
                              label=label)
-                vs = [(n, r["peers"][baseline] / r["seconds"]) for n, r in pts
-                      if baseline in r["peers"]]
+                vs = [(n, r["ratios"][baseline]["ratio"]) for n, r in pts
+                      if baseline in r["ratios"]]
                 if vs:
                     axes[1].plot(*zip(*vs), style, label=label)
     axes[0].axhline(1.0, color="gray", lw=0.8)
     axes[0].set(xscale="log", xlabel="elements", ylabel="copy time / op time",
                 title=f"fraction of the memory-copy roofline ({', '.join(dtypes)})")
     axes[1].set(xscale="log", yscale="log", xlabel="elements", ylabel="speed-up",
-                title=f"speed-up over the NumPy recipe ({baseline})")
+                title=f"speed-up over the NumPy recipe ({baseline}), both allocating")
     axes[0].legend(fontsize=7, ncol=2)
+    for draw, ax in zip(extra_panels, axes[2:]):
+        draw(ax)
+    for ax in axes[panels:]:
+        ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
