@@ -22,6 +22,11 @@ cnp.import_array()
 cdef extern from "numpy/ndarraytypes.h":
     enum: NPY_HALF, NPY_USERDEF  # not in Cython's numpy declarations
 
+cdef extern from "numpy/arrayobject.h":
+    # a new array of prototype's shape, dtype and (NPY_KEEPORDER) memory layout
+    object PyArray_NewLikeArray(cnp.ndarray prototype, cnp.NPY_ORDER order, void *descr,
+                                int subok)
+
 cdef extern from "_kernels.h" nogil:
     ctypedef struct fr_job:
         int dt, op, backward
@@ -166,23 +171,24 @@ def is_plain_call(x, out, grad=None, bint backward=False):
 
 
 def plain_forward(int op, x, out, double p):
-    """op(x) (p: its parameter) for a plain call of C-contiguous arrays, in one step from Python;
-    None for any other call, which goes through the full checks."""
-    if not (_is_plain_call(x, out, None, False) and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>x)
-            and (out is None or cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>out))):
+    """op(x) (p: its parameter) for a plain call of dense arrays of one layout (any axis order),
+    in one step from Python; None for any other call, which goes through the full checks."""
+    if not (_is_plain_call(x, out, None, False) and _dense(<cnp.ndarray>x)
+            and (out is None or _same_layout(<cnp.ndarray>x, <cnp.ndarray>out))):
         return None
-    cdef cnp.ndarray y = _target(x, out)
+    cdef cnp.ndarray y = _output(<cnp.ndarray>x, out)
     _run(op, False, None, x, y, p, None, None, None, None)
     return y
 
 
 def plain_backward(int op, grad, x, out, double p):
-    """The gradient of op for a plain call of C-contiguous arrays, or None (see plain_forward)."""
-    if not (_is_plain_call(x, out, grad, True) and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>x)
-            and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>grad)
-            and (out is None or cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>out))):
+    """The gradient of op for a plain call of dense arrays of one layout, or None (see
+    plain_forward)."""
+    if not (_is_plain_call(x, out, grad, True) and _dense(<cnp.ndarray>x)
+            and _same_layout(<cnp.ndarray>x, <cnp.ndarray>grad)
+            and (out is None or _same_layout(<cnp.ndarray>x, <cnp.ndarray>out))):
         return None
-    cdef cnp.ndarray dx = _target(x, out)
+    cdef cnp.ndarray dx = _output(<cnp.ndarray>x, out)
     _run(op, True, grad, x, dx, p, None, None, None, None)
     return dx
 
@@ -263,14 +269,6 @@ cdef cnp.ndarray _contiguous(cnp.ndarray a):
     return np.array(a, dtype=a.dtype.newbyteorder("="), order="C")
 
 
-cdef cnp.ndarray _target(cnp.ndarray x, out):
-    """Where the kernel writes: `out` itself when it can (C-contiguous, aligned, native byte
-    order), else a new C-contiguous array, which the caller copies into `out`."""
-    if out is not None and cnp.PyArray_ISCARRAY(out) and cnp.PyArray_ISNOTSWAPPED(out):
-        return out
-    return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
-
-
 cdef object _compute_type(int dt, a):
     """A per-channel array as a contiguous array of the compute type, or None."""
     if a is None:
@@ -282,13 +280,12 @@ cdef object _compute_type(int dt, a):
 cdef _run(int op, bint backward, cnp.ndarray g, cnp.ndarray x, cnp.ndarray y, double p,
           weight, axis, cnp.ndarray counts, cnp.ndarray param_grad, int sum=0, bias=None,
           cnp.ndarray bias_grad=None):
-    """Runs one op over C-contiguous x (and g) into y.  With an `axis`, element k belongs to
-    channel k's index along it, and the per-channel arrays apply: `weight` replaces p, `bias` is
+    """Runs one op over dense x (and g) into y, all of one layout (see _dense).  With an `axis`,
+    element k belongs to channel k's index along it, and the per-channel arrays apply: `weight` replaces p, `bias` is
     added to x first, `counts` gets the int64 positives (forward), `param_grad` the sums selected
     by `sum` (backward, in x's dtype) and `bias_grad` the bias's (SUM_BIAS_WEIGHT).  Each may be
     None."""
     cdef fr_job job
-    cdef Py_ssize_t d
     job.dt = _dtype_code(x)
     job.op = op
     job.backward = backward
@@ -301,9 +298,9 @@ cdef _run(int op, bint backward, cnp.ndarray g, cnp.ndarray x, cnp.ndarray y, do
     job.inner = job.n
     if axis is not None:
         job.C = cnp.PyArray_DIMS(x)[axis]
-        job.inner = 1
-        for d in range(axis + 1, cnp.PyArray_NDIM(x)):
-            job.inner *= cnp.PyArray_DIMS(x)[d]
+        # elements between consecutive channels: whatever the order of the dense block's axes,
+        # those laid out inside the channel axis make runs of that many
+        job.inner = cnp.PyArray_STRIDES(x)[axis] // cnp.PyArray_ITEMSIZE(x) if job.C > 1 else 1
     pw = _compute_type(job.dt, weight)
     pb = _compute_type(job.dt, bias)
     job.pw = cnp.PyArray_DATA(pw) if pw is not None else NULL
@@ -325,89 +322,90 @@ def copy(cnp.ndarray src not None, cnp.ndarray dst not None):
     _run(FR_COPY, False, None, src, dst, 0.0, None, None, None, None)
 
 
-cdef object _dense_order(a):
-    """The axes of `a`, outermost first, in which its elements are one C-contiguous block (its
-    strides are a permutation of a contiguous layout's: C and Fortran order, channels-last,
-    any transpose), or None when they are not (gaps, overlaps, negative strides, or empty)."""
-    if a is None:
-        return None
-    cdef cnp.ndarray arr = <cnp.ndarray>a
-    cdef int nd = cnp.PyArray_NDIM(arr), i, j, d, n = 0
-    cdef cnp.npy_intp *shape = cnp.PyArray_DIMS(arr)
-    cdef cnp.npy_intp *strides = cnp.PyArray_STRIDES(arr)
-    cdef cnp.npy_intp step = cnp.PyArray_ITEMSIZE(arr)
-    cdef int order[cnp.NPY_MAXDIMS]
-    cdef int longer[cnp.NPY_MAXDIMS]  # the axes of more than one element, largest stride first
-    if cnp.PyArray_SIZE(arr) == 0:
-        return None
+cdef bint _dense(cnp.ndarray a):
+    """a's elements fill one block of memory with no gaps, in some axis order (C and Fortran
+    order, channels-last, any transpose), aligned and in native byte order: the kernels run on
+    the block as it is, element k in channel (k / inner) % C with inner = strides[axis] / itemsize
+    (see _run)."""
+    if not (cnp.PyArray_ISALIGNED(a) and cnp.PyArray_ISNOTSWAPPED(a)):
+        return False
+    if cnp.PyArray_IS_C_CONTIGUOUS(a) or cnp.PyArray_IS_F_CONTIGUOUS(a):
+        return True
+    cdef int nd = cnp.PyArray_NDIM(a), i, j, d, n = 0
+    cdef cnp.npy_intp *shape = cnp.PyArray_DIMS(a)
+    cdef cnp.npy_intp *strides = cnp.PyArray_STRIDES(a)
+    cdef cnp.npy_intp step = cnp.PyArray_ITEMSIZE(a)
+    cdef int longer[cnp.NPY_MAXDIMS]  # the axes of more than one element, smallest stride first
     for d in range(nd):
         if shape[d] > 1:
             j = n
-            while j > 0 and strides[longer[j - 1]] < strides[d]:
+            while j > 0 and strides[longer[j - 1]] > strides[d]:
                 longer[j] = longer[j - 1]
                 j -= 1
             longer[j] = d
             n += 1
-    j = 0
-    for i in range(nd):  # size-1 axes keep their places (a C array's order stays the identity)
-        if shape[i] > 1:
-            order[i] = longer[j]
-            j += 1
-        else:
-            order[i] = i
-    for i in range(nd - 1, -1, -1):
-        d = order[i]
-        if shape[d] > 1:
-            if strides[d] != step:
-                return None
-            step *= shape[d]
-    return tuple([order[i] for i in range(nd)])
+    for i in range(n):
+        if strides[longer[i]] != step:
+            return False
+        step *= shape[longer[i]]
+    return True
 
 
-cdef object _memory_order(x, out):
-    """The axis order every operand is laid out in for the kernel: x's when x is dense, else
-    out's when out is, else None (C order).  Results then keep x's layout (NumPy's order='K');
-    operands in another layout are copied into it, and an `out` in another layout is filled from
-    a result in it."""
-    order = _dense_order(x)
-    if order is None:
-        order = _dense_order(out)
-    if order is None or order == tuple(range(len(order))):
-        return None
-    return order
+cdef bint _same_layout(cnp.ndarray a, cnp.ndarray b):
+    """b (of a's shape) lies in memory as dense a does: the same strides wherever they matter,
+    aligned and in native byte order."""
+    cdef int d
+    if not (cnp.PyArray_ISALIGNED(b) and cnp.PyArray_ISNOTSWAPPED(b)):
+        return False
+    for d in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIMS(a)[d] > 1 and cnp.PyArray_STRIDES(a)[d] != cnp.PyArray_STRIDES(b)[d]:
+            return False
+    return True
 
 
-cdef object _permuted(a, order):
-    return None if a is None or order is None else (<cnp.ndarray>a).transpose(order)
+cdef cnp.ndarray _layout(cnp.ndarray x, out):
+    """The array whose memory layout every operand takes for the kernel: x when it is dense,
+    else out when it is, else a C-ordered copy of x.  Results keep x's layout (NumPy's
+    order='K'); operands in another layout are copied into it, and an `out` in another is
+    filled from a result in it."""
+    if _dense(x):
+        return x
+    if out is not None and _dense(<cnp.ndarray>out):
+        return <cnp.ndarray>out
+    return _contiguous(x)
 
 
-cdef object _inverse(order):
-    inverse = [0] * len(order)
-    for i, d in enumerate(order):
-        inverse[d] = i
-    return inverse
+cdef cnp.ndarray _in_layout(cnp.ndarray a, cnp.ndarray layout):
+    """a itself when laid out as `layout`, else a copy that is."""
+    if a is layout or _same_layout(layout, a):
+        return a
+    cdef cnp.ndarray copy = PyArray_NewLikeArray(layout, cnp.NPY_KEEPORDER, NULL, 0)
+    np.copyto(copy, a)
+    return copy
+
+
+cdef cnp.ndarray _output(cnp.ndarray layout, out):
+    """Where the kernel writes: `out` when it is laid out as `layout`, else a new array that
+    is (copied into `out` after)."""
+    if out is not None and _same_layout(layout, <cnp.ndarray>out):
+        return <cnp.ndarray>out
+    return PyArray_NewLikeArray(layout, cnp.NPY_KEEPORDER, NULL, 0)
 
 
 def forward(int op, cnp.ndarray x not None, out, double p, weight, axis, bint want_counts,
             bias=None):
     """y = op(x (+ bias)) into `out` (or a new array in x's memory layout).  Returns (y, int64
     positives of x (+ bias) per channel along `axis`, or None).  `weight`, `bias`: one value per
-    channel along `axis`.  Dense arrays of any axis order run in place (see _memory_order)."""
-    given_out = out
-    order = _memory_order(x, out)
-    if order is not None:
-        x, out = _permuted(x, order), _permuted(out, order)
-        axis = None if axis is None else order.index(axis)
-    cdef cnp.ndarray xc = _contiguous(x)
-    cdef cnp.ndarray y = _target(xc, out)
+    channel along `axis`.  Dense arrays of any axis order run in place (see _layout)."""
+    cdef cnp.ndarray layout = _layout(x, out)
+    cdef cnp.ndarray xc = _in_layout(x, layout)
+    cdef cnp.ndarray y = _output(layout, out)
     counts = np.empty(xc.shape[axis] if axis is not None else 1, np.int64) if want_counts else None
     _run(op, False, None, xc, y, p, weight, axis, counts, None, 0, bias)
     if out is not None and y is not out:
         np.copyto(out, y)
-        y = out
-    if given_out is not None:
-        return given_out, counts
-    return (y if order is None else y.transpose(_inverse(order))), counts
+        return out, counts
+    return y, counts
 
 
 cdef cnp.ndarray _sums_target(cnp.ndarray a, dtype):
@@ -424,14 +422,10 @@ def backward(int op, cnp.ndarray grad not None, cnp.ndarray x not None, out, dou
     `param_grad` (C elements of x's dtype), the per-channel sums selected by `sum` (SUM_WEIGHT:
     PReLU's weight gradient, SUM_GRAD: a bias's) go there; with SUM_BIAS_WEIGHT, x is PReLU's
     input before `bias`, and `bias_grad` gets the bias's gradient beside the weight's."""
-    given_out = out
-    order = _memory_order(x, out)
-    if order is not None:
-        x, grad, out = _permuted(x, order), _permuted(grad, order), _permuted(out, order)
-        axis = None if axis is None else order.index(axis)
-    cdef cnp.ndarray xc = _contiguous(x)
-    cdef cnp.ndarray gc = _contiguous(grad)
-    cdef cnp.ndarray dx = _target(xc, out)
+    cdef cnp.ndarray layout = _layout(x, out)
+    cdef cnp.ndarray xc = _in_layout(x, layout)
+    cdef cnp.ndarray gc = _in_layout(grad, layout)
+    cdef cnp.ndarray dx = _output(layout, out)
     cdef cnp.ndarray pg = _sums_target(param_grad, xc.dtype)
     cdef cnp.ndarray bg = _sums_target(bias_grad, xc.dtype)
     _run(op, True, gc, xc, dx, p, weight, axis, None, pg, sum if pg is not None else 0, bias,
@@ -441,7 +435,5 @@ def backward(int op, cnp.ndarray grad not None, cnp.ndarray x not None, out, dou
             np.copyto(given, written.reshape((<object>given).shape))
     if out is not None and dx is not out:
         np.copyto(out, dx)
-        dx = out
-    if given_out is not None:
-        return given_out
-    return dx if order is None else dx.transpose(_inverse(order))
+        return out
+    return dx

@@ -17,12 +17,13 @@ class ActivationStats:
     __slots__ = ("positive", "per_unit")
 
     def __init__(self, positive, per_unit):
-        positive = np.asarray(positive)
+        if type(positive) is not np.ndarray:
+            positive = np.asarray(positive)
         if positive.ndim != 1 or positive.dtype.kind not in "iu":
             raise TypeError(f"positive must be a 1-d array of integer counts, got "
                             f"{positive.ndim}-d {positive.dtype}")
-        if isinstance(per_unit, (bool, np.bool_)) or not isinstance(per_unit, (int, np.integer)) \
-                or per_unit < 0:
+        if type(per_unit) is not int and (isinstance(per_unit, (bool, np.bool_)) or
+                                          not isinstance(per_unit, np.integer)) or per_unit < 0:
             raise TypeError(f"per_unit must be an integer >= 0, not {per_unit!r}")
         self.positive = positive
         self.per_unit = int(per_unit)
