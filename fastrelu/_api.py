@@ -55,8 +55,13 @@ def _from_python(name, value, dtype):
         raise TypeError(f"{name} must be a real number or an array of them, not a bool")
     try:
         arr = np.asarray(value)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # an element's own __array__ may raise anything
         raise TypeError(f"{name} must be an array of real numbers: {exc}") from None
+    if arr.dtype.kind == "O" and all(type(v) is int for v in arr.flat):
+        try:  # integers beyond 64 bits
+            arr = arr.astype(np.float64)
+        except OverflowError:
+            raise ValueError(f"{name} has an integer beyond the float range") from None
     if arr.dtype.kind not in "iuf":
         raise TypeError(f"{name} must contain real numbers, not {arr.dtype} values")
     return arr.astype(dtype)
@@ -96,10 +101,11 @@ def _host_arrays(named):
     return arrays, dtype
 
 
-def _check_out(name, out, shape, dtype, inputs):
+def _check_out(name, out, shape, dtype, inputs, in_place=()):
     """`out` must be a writable array of the inputs' kind (NumPy, or CUDA when the inputs are
-    DeviceViews), of the result's shape and dtype, that is either one of the inputs itself (in
-    place) or shares no memory with any of them.  Returns out, or its DeviceView."""
+    DeviceViews), of the result's shape and dtype, with one place in memory per element, that
+    is either one of the inputs named in `in_place` itself (in place) or shares no memory with
+    any input.  Returns out, or its DeviceView."""
     device = any(isinstance(arr, DeviceView) for _, arr in inputs)
     if device:
         if not is_device(out):
@@ -119,13 +125,30 @@ def _check_out(name, out, shape, dtype, inputs):
         raise ValueError(f"{name} has shape {view.shape} but the result has shape {shape}")
     if readonly:
         raise ValueError(f"{name} is read-only")
+    if _overlaps_itself(view.shape, view.strides, view.dtype.itemsize):
+        raise ValueError(f"{name} has elements that share memory (zero or overlapping strides): "
+                         "pass an array with one place per element")
     for in_name, arr in inputs:
-        if _memory_overlap(view, arr) == 2:
-            raise ValueError(
-                f"{name} partially overlaps {in_name}; pass {in_name} itself to work in place, "
-                "or an array that shares no memory with it"
-            )
+        overlap = _memory_overlap(view, arr)
+        if overlap == 2 or (overlap == 1 and in_name not in in_place):
+            how = "partially overlaps" if overlap == 2 else "is"
+            fix = f"pass {in_name} itself to work in place, or an array" \
+                if in_name in in_place else "pass an array"
+            raise ValueError(f"{name} {how} {in_name}; {fix} that shares no memory with it")
     return view
+
+
+def _overlaps_itself(shape, strides, itemsize):
+    """Some two elements share memory: taking the axes by stride, each must step past all the
+    memory the smaller ones span (a layout that interleaves its axes otherwise is refused too)."""
+    if not math.prod(shape):
+        return False
+    extent = itemsize
+    for stride, n in sorted((abs(st), n) for n, st in zip(shape, strides) if n > 1):
+        if stride < extent:
+            return True
+        extent += stride * (n - 1)
+    return False
 
 
 def _memory_overlap(a, b):
@@ -336,7 +359,8 @@ def _forward(op, x, out, p, weight=None, axis=1, stats=False, stream=None, bias=
     else:
         layout_axis = _axis("axis", axis, x.ndim) if stats and x.ndim >= 2 else None
     if out is not None:
-        _check_out("out", out, x.shape, dtype, list(zip([n for n, _ in named], arrays)))
+        _check_out("out", out, x.shape, dtype, list(zip([n for n, _ in named], arrays)),
+                   in_place=("x",))
     if weight is not None and weight_axis is None and layout_axis is not None and not device:
         p, weight = float(weight.reshape(())), None  # one shared weight, statistics per unit
     if device:
@@ -392,7 +416,7 @@ def _backward(op, grad, x, out, p, weight=None, axis=1, param_out=None, stream=N
         param_shape = (x.shape[axis],)
     if out is not None:
         out_view = _check_out("out" if weight is None and not bias_grad else "out[0]", out,
-                              x.shape, dtype, inputs)
+                              x.shape, dtype, inputs, in_place=("grad", x_name))
     if weight is None and not bias_grad:
         if device:
             return _gpu().backward(op, grad.obj, x.obj, out, p, weight=None, axis=None,
@@ -401,7 +425,8 @@ def _backward(op, grad, x, out, p, weight=None, axis=1, param_out=None, stream=N
         return _cpu.backward(op, grad, x, out, p, weight=None, axis=None)
     param_aliases_input = False
     if param_out is not None:
-        param_view = _check_out("out[1]", param_out, param_shape, dtype, inputs)
+        param_view = _check_out("out[1]", param_out, param_shape, dtype, inputs,
+                                in_place=("weight",))
         if out is not None and _memory_overlap(out_view, param_view):
             raise ValueError("out[0] and out[1] overlap")
         param_aliases_input = any(_memory_overlap(param_view, arr) for _, arr in inputs)
@@ -605,13 +630,13 @@ def bias_prelu_backward(grad, x, bias, weight, axis=1, *, out=None, stream=None)
     weight_axis = _prelu_weight(weight, x.shape, axis)
     inputs = list(zip(("grad", "x", "bias", "weight"), arrays))
     if out0 is not None:
-        _check_out("out[0]", out0, x.shape, dtype, inputs)
-    param_outs = [o for o in (("out[1]", out_bias, bias.shape), ("out[2]", out_weight,
-                                                                  weight.shape))
+        _check_out("out[0]", out0, x.shape, dtype, inputs, in_place=("grad", "x"))
+    param_outs = [o for o in (("out[1]", out_bias, bias.shape, "bias"),
+                              ("out[2]", out_weight, weight.shape, "weight"))
                   if o[1] is not None]
-    for name, value, shape in param_outs:
-        _check_out(name, value, shape, dtype, inputs)
-        for other_name, other in [("out[0]", out0)] + [(n, v) for n, v, _ in param_outs]:
+    for name, value, shape, own in param_outs:
+        _check_out(name, value, shape, dtype, inputs, in_place=(own,))
+        for other_name, other in [("out[0]", out0)] + [(n, v) for n, v, _, _ in param_outs]:
             if other is not None and other is not value and _memory_overlap(value, other):
                 raise ValueError(f"{name} and {other_name} overlap")
     grad_bias = np.empty(bias.shape, dtype) if out_bias is None else out_bias

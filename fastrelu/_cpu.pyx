@@ -141,7 +141,7 @@ cdef void _extent(cnp.ndarray a, Py_ssize_t *lo, Py_ssize_t *hi):
 
 cdef inline bint _plain_float(a, int typenum, int ndim, cnp.npy_intp *dims):
     """a is an aligned ndarray of type `typenum` (or any float type when typenum < 0) in native
-    byte order with the given shape (dims NULL: any shape)."""
+    byte order with the given shape (ndim < 0: any shape; a 0-d shape's dims may be NULL)."""
     if type(a) is not np.ndarray:
         return False
     cdef cnp.ndarray arr = <cnp.ndarray>a
@@ -153,7 +153,7 @@ cdef inline bint _plain_float(a, int typenum, int ndim, cnp.npy_intp *dims):
         return False
     if not cnp.PyArray_ISALIGNED(arr):
         return False
-    if dims != NULL:
+    if ndim >= 0:
         if cnp.PyArray_NDIM(arr) != ndim:
             return False
         for d in range(ndim):
@@ -194,7 +194,7 @@ def plain_backward(int op, grad, x, out, double p):
 
 
 cdef bint _is_plain_call(x, out, grad, bint backward):
-    if not _plain_float(x, -1, 0, NULL):
+    if not _plain_float(x, -1, -1, NULL):
         return False
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef int t = cnp.PyArray_TYPE(xa), nd = cnp.PyArray_NDIM(xa)
@@ -204,6 +204,8 @@ cdef bint _is_plain_call(x, out, grad, bint backward):
         return True
     if not _plain_float(out, t, nd, cnp.PyArray_DIMS(xa)) or not cnp.PyArray_ISWRITEABLE(out):
         return False
+    if not _dense(<cnp.ndarray>out):
+        return False  # it may overlap itself: the full checks word that
     if out is not x and _memory_overlap(out, x) != 0:
         return False
     return not backward or out is grad or _memory_overlap(out, grad) == 0
@@ -215,7 +217,7 @@ def is_plain_param(param, x, out, param_out=None, grad=None):
     a backward) is None or such an array of param's shape, writable, sharing no memory with x,
     grad, out or param.  Its shape against x's is checked by the caller."""
     cdef cnp.ndarray xa = <cnp.ndarray>x
-    if not _plain_float(param, cnp.PyArray_TYPE(xa), 0, NULL):
+    if not _plain_float(param, cnp.PyArray_TYPE(xa), -1, NULL):
         return False
     if out is not None and _memory_overlap(<cnp.ndarray>out, <cnp.ndarray>param) != 0:
         return False
@@ -223,7 +225,8 @@ def is_plain_param(param, x, out, param_out=None, grad=None):
         return True
     cdef cnp.ndarray pa = <cnp.ndarray>param
     if not (_plain_float(param_out, cnp.PyArray_TYPE(xa), cnp.PyArray_NDIM(pa),
-                         cnp.PyArray_DIMS(pa)) and cnp.PyArray_ISWRITEABLE(param_out)):
+                         cnp.PyArray_DIMS(pa)) and cnp.PyArray_ISWRITEABLE(param_out)
+            and _dense(<cnp.ndarray>param_out)):
         return False
     for other in (x, grad, out, param):
         if other is not None and _memory_overlap(<cnp.ndarray>param_out, <cnp.ndarray>other):
@@ -301,8 +304,10 @@ cdef _run(int op, bint backward, cnp.ndarray g, cnp.ndarray x, cnp.ndarray y, do
         # elements between consecutive channels: whatever the order of the dense block's axes,
         # those laid out inside the channel axis make runs of that many
         job.inner = cnp.PyArray_STRIDES(x)[axis] // cnp.PyArray_ITEMSIZE(x) if job.C > 1 else 1
-    pw = _compute_type(job.dt, weight)
-    pb = _compute_type(job.dt, bias)
+    # no data: they are not read, only told apart from none (and a huge broadcast one must not
+    # be copied)
+    pw = _compute_type(job.dt, weight) if job.n else weight
+    pb = _compute_type(job.dt, bias) if job.n else bias
     job.pw = cnp.PyArray_DATA(pw) if pw is not None else NULL
     job.bias = cnp.PyArray_DATA(pb) if pb is not None else NULL
     job.counts = <int64_t *>cnp.PyArray_DATA(counts) if counts is not None else NULL

@@ -59,12 +59,20 @@ class DeviceView:
                             f"pass {name}.detach()")
         interface = getattr(obj, "__cuda_array_interface__", None)
         if interface is not None:
-            self.shape = tuple(interface["shape"])
-            self.dtype = np.dtype(interface["typestr"])
-            self.ptr, self.readonly = interface["data"]
-            strides = interface.get("strides")
-            self.strides = tuple(strides) if strides is not None else \
-                c_strides(self.shape, self.dtype.itemsize)
+            try:
+                self.shape = tuple(int(n) for n in interface["shape"])
+                self.dtype = np.dtype(interface["typestr"])
+                ptr, readonly = interface["data"]
+                self.ptr, self.readonly = int(ptr), bool(readonly)
+                strides = interface.get("strides")
+                self.strides = tuple(int(st) for st in strides) if strides is not None else \
+                    c_strides(self.shape, self.dtype.itemsize)
+            except Exception as exc:
+                raise TypeError(f"{name} has a malformed __cuda_array_interface__ "
+                                f"({type(exc).__name__}: {exc})") from None
+            if len(self.strides) != len(self.shape) or any(n < 0 for n in self.shape):
+                raise TypeError(f"{name} has a malformed __cuda_array_interface__ (shape "
+                                f"{self.shape}, strides {self.strides})")
         else:  # the simulator's arrays wrap a NumPy array
             host = obj._ary
             self.shape, self.dtype, self.strides = host.shape, host.dtype, host.strides

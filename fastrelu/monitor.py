@@ -19,6 +19,8 @@ class ActivationStats:
     def __init__(self, positive, per_unit):
         if type(positive) is not np.ndarray:
             positive = np.asarray(positive)
+            if positive.ndim == 1 and positive.size == 0:
+                positive = positive.astype(np.int64)  # [] is float64 to NumPy
         if positive.ndim != 1 or positive.dtype.kind not in "iu":
             raise TypeError(f"positive must be a 1-d array of integer counts, got "
                             f"{positive.ndim}-d {positive.dtype}")
@@ -105,7 +107,7 @@ class DeadUnitTracker:
         return list(self._positive)
 
     def stats(self, layer):
-        """The epoch so far as one ActivationStats."""
+        """The epoch so far as one ActivationStats (KeyError for a layer not seen this epoch)."""
         if layer not in self._positive:
             known = ", ".join(map(repr, self._positive)) or "none yet"
             raise KeyError(f"no statistics for layer {layer!r} in this epoch (layers: {known})")

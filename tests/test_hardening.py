@@ -137,12 +137,39 @@ def test_weight_gradient_into_the_weight_itself_is_computed_from_the_weight_read
     assert dw is w
     assert_bitwise(dx, ref_dx)
     np.testing.assert_allclose(dw, ref_dw, rtol=1e-6)
-    # a bias gradient into the incoming gradient: every element its own unit
+    # a parameter gradient may take the place of its own parameter only: not of another input
     g1, y1 = sample(7, np.float64, 7), np.abs(sample(7, np.float64, 8)) * (np.arange(7) % 2)
-    expected = reference.relu_backward(g1, y1)
-    _, db = fastrelu.bias_activation_backward(g1, y1, "relu", None, 0, out=(None, g1))
-    assert db is g1
-    assert_bitwise(db, expected)
+    before = g1.copy()
+    with pytest.raises(ValueError, match=r"out\[1\] is grad"):
+        fastrelu.bias_activation_backward(g1, y1, "relu", None, 0, out=(None, g1))
+    x1 = np.float32([-2.0])
+    with pytest.raises(ValueError, match=r"out\[1\] is x"):
+        fastrelu.prelu_backward(np.float32([3.0]), x1, np.float32([0.5]), out=(None, x1))
+    assert_bitwise(g1, before)
+    assert x1[0] == -2.0
+
+
+def test_outputs_that_are_a_weight_or_bias_or_overlap_themselves_are_refused():
+    x = sample(3, np.float32)
+    w, b = np.float32([0.5]), np.float32([1.0, -5.0, 2.0])
+    with pytest.raises(ValueError, match="out is weight"):
+        fastrelu.prelu(x[:1], w, out=w)
+    with pytest.raises(ValueError, match="out is bias"):
+        fastrelu.bias_activation(x, b, axis=0, out=b)
+    flat = np.zeros(1, np.float32)
+    for out in (np.lib.stride_tricks.as_strided(flat, (3,), (0,), writeable=True),
+                np.lib.stride_tricks.as_strided(np.zeros(3, np.float32), (2, 2), (4, 4),
+                                                writeable=True)):
+        with pytest.raises(ValueError, match="share memory"):
+            fastrelu.relu(np.ones(out.shape, np.float32), out=out)
+    x0 = np.array(-2.0, np.float32)
+    with pytest.raises(ValueError, match="shape"):
+        fastrelu.relu(x0, out=np.full(3, 7, np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        fastrelu.relu_backward(np.float32([1, 2, 3]), x0)
+    with pytest.raises(ValueError, match="shape"):
+        fastrelu.prelu_backward(x0, x0, np.array(0.5, np.float32),
+                                out=(None, np.full(3, 7, np.float32)))
 
 
 @pytest.mark.parametrize("offset", range(0, 9))
