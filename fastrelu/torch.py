@@ -16,6 +16,7 @@ kernels on the current stream.
 """
 import functools
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -54,13 +55,17 @@ def _bfloat16():
     return ml_dtypes.bfloat16
 
 
+def _device_type(t):
+    return t.device.type
+
+
 def _array(t):
     """What fastrelu's NumPy-style API takes for tensor `t`, sharing its memory: a NumPy view with
     the tensor's strides for a CPU tensor (bfloat16 as ml_dtypes.bfloat16), the detached tensor
     itself for a CUDA one."""
     if t.requires_grad:
         t = t.detach()
-    if t.device.type == "cuda":
+    if _device_type(t) == "cuda":
         return t
     if t.dtype is torch.bfloat16:
         return t.view(torch.int16).numpy().view(_bfloat16())
@@ -435,7 +440,7 @@ def _routed(kind, x, size_matters=True):
     elements in eager mode."""
     if not isinstance(x, Tensor) or x.layout is not torch.strided:
         return False
-    device = x.device.type
+    device = _device_type(x)
     if device == "cpu":
         if x.dtype not in _CPU_DTYPES:
             return False
@@ -499,6 +504,35 @@ def prelu(input, weight):
 # ---- modules ------------------------------------------------------------------------------------
 
 
+# modules fed to a tracker, by id, for the tracker op to find at run time
+_TRACKED = weakref.WeakValueDictionary()
+
+
+def _feed_tracker_impl(positive, per_unit, module_id):
+    module = _TRACKED.get(module_id)
+    if module is not None and module._tracker is not None:
+        module._tracker.update(module._tracker_name, ActivationStats(positive.numpy(), per_unit))
+
+
+_feed_tracker_op = _define("feed_tracker", "(Tensor positive, SymInt per_unit, int module) -> ()",
+                           _feed_tracker_impl, lambda *args: None)
+if hasattr(_feed_tracker_op, "register_effect"):
+    from torch._library.effects import EffectType
+
+    # an ordered side effect: compiled graphs keep the call, in order, though it returns nothing
+    _feed_tracker_op.register_effect(EffectType.ORDERED)
+
+    def _feed_tracker(positive, per_unit, module_id):
+        _feed_tracker_op(positive, per_unit, module_id)
+else:
+    def _feed_tracker(positive, per_unit, module_id):
+        raise RuntimeError(
+            f"fastrelu.torch.track() feeds its tracker inside compiled graphs on PyTorch versions "
+            f"that register side effects of custom ops (not {torch.__version__}); read each "
+            "module's .stats after the step instead, or call fastrelu.torch.track(model, None) "
+            "before compiling")
+
+
 class _Tracked:
     """What the fastrelu modules add to their torch.nn classes: optional dead-unit statistics
     from the forward pass (`track_stats`), the last batch's in `stats`, and a tracker fed by
@@ -521,13 +555,11 @@ class _Tracked:
                             "float32 or float64 CPU tensor or a float16/32/64 CUDA tensor "
                             f"(and a matching weight), got {x.dtype} on {x.device}")
         y, stats = _activate(kind, x, param, weight, inplace, True)
-        if isinstance(stats, Tensor):
+        if isinstance(stats, Tensor):  # traced: the counts are an output of the graph
+            per_unit = x.numel() // _units(x)
+            self._last_stats = (stats, per_unit)
             if self._tracker is not None:
-                raise RuntimeError(
-                    "fastrelu.torch.track() feeds its tracker from eager forward passes; under "
-                    "torch.compile read each module's .stats after the step instead, or call "
-                    "fastrelu.torch.track(model, None) before compiling")
-            self._last_stats = (stats, x.numel() // _units(x))
+                _feed_tracker(stats, per_unit, id(self))
         else:
             self._last_stats = stats
             if self._tracker is not None:
@@ -651,8 +683,8 @@ def track(model, tracker):
     `model`, named as in ``model.named_modules()``: each forward pass counts the positive inputs
     per channel in the same pass and adds them with ``tracker.update(name, stats)``.
     ``track(model, None)`` stops it (statistics stay on; set ``track_stats = False`` to turn
-    them off).  Returns the names of the modules tracked.  Eager mode only: under torch.compile
-    a tracked module raises; read ``module.stats`` instead."""
+    them off).  Returns the names of the modules tracked.  Under torch.compile the counts leave
+    the graph through an op with an ordered side effect, so the tracker is fed there too."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"track takes a torch.nn.Module, not {type(model).__name__}")
     if tracker is not None and not isinstance(tracker, DeadUnitTracker):
@@ -663,6 +695,7 @@ def track(model, tracker):
         if isinstance(m, _Tracked):
             m.track_stats = m.track_stats or tracker is not None
             m._tracker, m._tracker_name = tracker, name
+            _TRACKED[id(m)] = m
             names.append(name)
     if not names and tracker is not None:
         raise ValueError("the model has no fastrelu activation modules: call "
