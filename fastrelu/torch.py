@@ -81,14 +81,12 @@ def _units(x):
 
 
 class _Kind:
-    """One activation: its kernels in fastrelu's API, which tensor its backward reads, and its
-    PyTorch counterpart."""
+    """One activation: its kernels in fastrelu's API and which tensor its backward reads."""
 
-    def __init__(self, name, forward, backward, native, saves_output):
+    def __init__(self, name, forward, backward, saves_output):
         self.name = name
         self.forward = forward  # (x, param or weight, out, stats) on arrays
-        self.backward = backward  # (grad, saved, param, out) on arrays
-        self.native = native  # torch.nn.functional's op
+        self.backward = backward  # (grad, saved, param, out) on arrays; None for PReLU's two
         self.saves_output = saves_output  # param -> whether backward reads the output
 
     def run(self, x, param, weight, out=None, want_counts=False):
@@ -117,22 +115,22 @@ _RELU = _Kind(
     "relu",
     lambda x, p, out, stats: fastrelu.relu(x, out=out, stats=stats),
     lambda g, t, p, out: fastrelu.relu_backward(g, t, out=out),
-    F.relu, lambda p: True)
+    lambda p: True)
 _LEAKY = _Kind(
     "leaky_relu",
     lambda x, p, out, stats: fastrelu.leaky_relu(x, p, out=out, stats=stats),
     lambda g, t, p, out: fastrelu.leaky_relu_backward(g, t, p, out=out),
-    F.leaky_relu, lambda p: p >= 0)
+    lambda p: p >= 0)
 _ELU = _Kind(
     "elu",
     lambda x, p, out, stats: fastrelu.elu(x, p, out=out, stats=stats),
     # the output tells the sign of x when alpha >= 0, and then the gradient is g * (y + alpha)
     lambda g, t, p, out: fastrelu.elu_backward(g, t, p, out=out, from_output=p >= 0),
-    F.elu, lambda p: p >= 0)
+    lambda p: p >= 0)
 _PRELU = _Kind(
     "prelu",
     lambda x, w, out, stats: fastrelu.prelu(x, w, 1, out=out, stats=stats),
-    None, F.prelu, lambda p: False)
+    None, lambda p: False)
 
 # PyTorch's words where an in-place forward overwrote the input its backward would need
 _INPLACE_REFUSAL = {
@@ -534,29 +532,36 @@ else:
 
 
 class _Tracked:
-    """What the fastrelu modules add to their torch.nn classes: optional dead-unit statistics
-    from the forward pass (`track_stats`), the last batch's in `stats`, and a tracker fed by
-    `track()`.  Class attributes give the defaults, so that convert() can retype torch modules
-    in place."""
+    """What the fastrelu modules add to their torch.nn classes: the forward on fastrelu's
+    kernels, optional dead-unit statistics from the same pass (`track_stats`), the last batch's
+    in `stats`, and a tracker fed by `track()`.  Class attributes give the defaults, so that
+    convert() can retype torch modules in place."""
 
     track_stats = False
     _last_stats = None
     _tracker = None
     _tracker_name = None
+    _param_name = None  # the torch module's attribute holding the op's parameter
 
-    def _forward(self, kind, x, param, weight, inplace):
+    def forward(self, input):
+        kind = self._kind
+        param = 0.0 if self._param_name is None else _number(getattr(self, self._param_name))
+        weight = self.weight if kind is _PRELU else None
+        inplace = getattr(self, "inplace", False)
         if not self.track_stats:
-            if not (_routed(kind, x) and (weight is None or _prelu_weight_ok(x, weight))):
-                return self._native(x)
-            return _activate(kind, x, param, weight, inplace, False)[0]
-        if not _routed(kind, x, size_matters=False) or \
-                (weight is not None and not _prelu_weight_ok(x, weight)):
+            if param is None or not _routed(kind, input) or \
+                    (weight is not None and not _prelu_weight_ok(input, weight)):
+                return super().forward(input)  # the torch module's own
+            return _activate(kind, input, param, weight, inplace, False)[0]
+        if param is None or not _routed(kind, input, size_matters=False) or \
+                (weight is not None and not _prelu_weight_ok(input, weight)):
             raise TypeError(f"{type(self).__name__}(track_stats=True) needs a float16, bfloat16, "
                             "float32 or float64 CPU tensor or a float16/32/64 CUDA tensor "
-                            f"(and a matching weight), got {x.dtype} on {x.device}")
-        y, stats = _activate(kind, x, param, weight, inplace, True)
+                            f"(a matching weight, a finite parameter), got {input.dtype} on "
+                            f"{input.device}")
+        y, stats = _activate(kind, input, param, weight, inplace, True)
         if isinstance(stats, Tensor):  # traced: the counts are an output of the graph
-            per_unit = x.numel() // _units(x)
+            per_unit = input.numel() // _units(input)
             self._last_stats = (stats, per_unit)
             if self._tracker is not None:
                 _feed_tracker(stats, per_unit, id(self))
@@ -576,85 +581,52 @@ class _Tracked:
             return ActivationStats(counts.cpu().numpy(), per_unit)
         return stats
 
-    def _stats_repr(self):
-        return ", track_stats=True" if self.track_stats else ""
+    def extra_repr(self):
+        parts = [super().extra_repr()] + (["track_stats=True"] if self.track_stats else [])
+        return ", ".join(p for p in parts if p)
 
 
 class ReLU(_Tracked, torch.nn.ReLU):
     """torch.nn.ReLU on fastrelu's kernels; track_stats=True counts positive inputs per channel
     in the same pass (see `stats`)."""
 
+    _kind = _RELU
+
     def __init__(self, inplace=False, *, track_stats=False):
         super().__init__(inplace)
         self.track_stats = track_stats
-
-    def forward(self, input):
-        return self._forward(_RELU, input, 0.0, None, self.inplace)
-
-    def _native(self, x):
-        return F.relu(x, inplace=self.inplace)
-
-    def extra_repr(self):
-        return super().extra_repr() + self._stats_repr()
 
 
 class LeakyReLU(_Tracked, torch.nn.LeakyReLU):
     """torch.nn.LeakyReLU on fastrelu's kernels (see ReLU for track_stats)."""
 
+    _kind, _param_name = _LEAKY, "negative_slope"
+
     def __init__(self, negative_slope=0.01, inplace=False, *, track_stats=False):
         super().__init__(negative_slope, inplace)
         self.track_stats = track_stats
-
-    def forward(self, input):
-        slope = _number(self.negative_slope)
-        if slope is None:
-            return self._native(input)
-        return self._forward(_LEAKY, input, slope, None, self.inplace)
-
-    def _native(self, x):
-        return F.leaky_relu(x, self.negative_slope, self.inplace)
-
-    def extra_repr(self):
-        return super().extra_repr() + self._stats_repr()
 
 
 class ELU(_Tracked, torch.nn.ELU):
     """torch.nn.ELU on fastrelu's kernels (see ReLU for track_stats)."""
 
+    _kind, _param_name = _ELU, "alpha"
+
     def __init__(self, alpha=1.0, inplace=False, *, track_stats=False):
         super().__init__(alpha, inplace)
         self.track_stats = track_stats
-
-    def forward(self, input):
-        a = _number(self.alpha)
-        if a is None:
-            return self._native(input)
-        return self._forward(_ELU, input, a, None, self.inplace)
-
-    def _native(self, x):
-        return F.elu(x, self.alpha, self.inplace)
-
-    def extra_repr(self):
-        return super().extra_repr() + self._stats_repr()
 
 
 class PReLU(_Tracked, torch.nn.PReLU):
     """torch.nn.PReLU on fastrelu's kernels: forward, and the input and weight gradients in one
     pass (the weight's summed in float64).  See ReLU for track_stats."""
 
+    _kind = _PRELU
+
     def __init__(self, num_parameters=1, init=0.25, device=None, dtype=None, *,
                  track_stats=False):
         super().__init__(num_parameters, init, device=device, dtype=dtype)
         self.track_stats = track_stats
-
-    def forward(self, input):
-        return self._forward(_PRELU, input, 0.0, self.weight, False)
-
-    def _native(self, x):
-        return F.prelu(x, self.weight)
-
-    def extra_repr(self):
-        return super().extra_repr() + self._stats_repr()
 
 
 _COUNTERPARTS = {torch.nn.ReLU: ReLU, torch.nn.LeakyReLU: LeakyReLU, torch.nn.ELU: ELU,
