@@ -31,10 +31,10 @@ __all__ = [
     "convert", "track", "CROSSOVER",
 ]
 
-# Tensors with fewer elements than this go to PyTorch's own kernel in eager mode: below it the
-# Python call path costs more than fastrelu's kernels save (forward + backward through autograd,
-# measured by `python -m fastrelu._torch_bench --crossover`).  Under torch.compile/export the
-# fastrelu ops are always used.
+# Tensors with fewer elements than this go to PyTorch's own kernel: below it the Python call path
+# costs more than fastrelu's kernels save (forward + backward through autograd, measured by
+# `python -m fastrelu._torch_bench --crossover`).  torch.compile and torch.export apply it to the
+# traced sizes.  Statistics (track_stats) need fastrelu's kernels at every size.
 CROSSOVER = {"relu": 1 << 18, "leaky_relu": 1 << 18, "elu": 1 << 15, "prelu": 1 << 13}
 
 _CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -55,8 +55,8 @@ def _bfloat16():
     return ml_dtypes.bfloat16
 
 
-def _device_type(t):
-    return t.device.type
+def _on_cuda(t):
+    return t.is_cuda
 
 
 def _array(t):
@@ -65,7 +65,7 @@ def _array(t):
     itself for a CUDA one."""
     if t.requires_grad:
         t = t.detach()
-    if _device_type(t) == "cuda":
+    if _on_cuda(t):
         return t
     if t.dtype is torch.bfloat16:
         return t.view(torch.int16).numpy().view(_bfloat16())
@@ -434,18 +434,16 @@ def _activate(kind, x, param, weight, inplace, want_counts):
 
 
 def _routed(kind, x, size_matters=True):
-    """Whether fastrelu's kernels take `x`: a float CPU or CUDA tensor, at least CROSSOVER
-    elements in eager mode."""
-    if not isinstance(x, Tensor) or x.layout is not torch.strided:
+    """Whether fastrelu's kernels take `x`: a float CPU or CUDA tensor of at least CROSSOVER
+    elements (checked first: it is what turns small calls away cheaply; when tracing for
+    torch.compile or torch.export, on the traced size)."""
+    if not isinstance(x, Tensor) or (size_matters and x.numel() < CROSSOVER[kind.name]):
         return False
-    device = _device_type(x)
-    if device == "cpu":
-        if x.dtype not in _CPU_DTYPES:
-            return False
-    elif device != "cuda" or x.dtype not in _CUDA_DTYPES:
+    if x.layout is not torch.strided:
         return False
-    return not size_matters or torch.compiler.is_compiling() or \
-        x.numel() >= CROSSOVER[kind.name]
+    if _on_cuda(x):
+        return x.dtype in _CUDA_DTYPES
+    return x.is_cpu and x.dtype in _CPU_DTYPES
 
 
 def _number(value):
@@ -477,16 +475,14 @@ def relu(input, inplace=False):
 
 def leaky_relu(input, negative_slope=0.01, inplace=False):
     """torch.nn.functional.leaky_relu on fastrelu's kernels."""
-    slope = _number(negative_slope)
-    if slope is None or not _routed(_LEAKY, input):
+    if not _routed(_LEAKY, input) or (slope := _number(negative_slope)) is None:
         return F.leaky_relu(input, negative_slope, inplace)
     return _activate(_LEAKY, input, slope, None, bool(inplace), False)[0]
 
 
 def elu(input, alpha=1.0, inplace=False):
     """torch.nn.functional.elu on fastrelu's kernels (within 4 ulp of PyTorch)."""
-    a = _number(alpha)
-    if a is None or not _routed(_ELU, input):
+    if not _routed(_ELU, input) or (a := _number(alpha)) is None:
         return F.elu(input, alpha, inplace)
     return _activate(_ELU, input, a, None, bool(inplace), False)[0]
 
@@ -545,13 +541,14 @@ class _Tracked:
 
     def forward(self, input):
         kind = self._kind
+        if not (self.track_stats or _routed(kind, input)):
+            return super().forward(input)  # the torch module's own
         param = 0.0 if self._param_name is None else _number(getattr(self, self._param_name))
         weight = self.weight if kind is _PRELU else None
         inplace = getattr(self, "inplace", False)
         if not self.track_stats:
-            if param is None or not _routed(kind, input) or \
-                    (weight is not None and not _prelu_weight_ok(input, weight)):
-                return super().forward(input)  # the torch module's own
+            if param is None or (weight is not None and not _prelu_weight_ok(input, weight)):
+                return super().forward(input)
             return _activate(kind, input, param, weight, inplace, False)[0]
         if param is None or not _routed(kind, input, size_matters=False) or \
                 (weight is not None and not _prelu_weight_ok(input, weight)):

@@ -256,7 +256,7 @@ def fastrelu_targets(graphs):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-def test_compile_fullgraph(channels_last):
+def test_compile_fullgraph(always_fastrelu, channels_last):
     torch.manual_seed(0)
     native = SmallCNN()
     converted = frt.convert(copy.deepcopy(native))
@@ -303,7 +303,7 @@ def test_compile_with_inductor_and_statistics():
         {"act1": 2, "act2": 2, "act3": 2, "act4": 2}
 
 
-def test_compile_inplace_without_grad():
+def test_compile_inplace_without_grad(always_fastrelu):
     x = torch.randn(3, 4)
     expected = torch.nn.functional.leaky_relu(x, 0.3)
     graphs = []
@@ -317,7 +317,7 @@ def test_compile_inplace_without_grad():
 
 
 @pytest.mark.slow
-def test_export():
+def test_export(always_fastrelu):
     torch.manual_seed(0)
     native = SmallCNN()
     converted = frt.convert(copy.deepcopy(native))

@@ -477,7 +477,7 @@ def test_cuda_tensors_go_to_the_gpu_api(always_fastrelu, monkeypatch):
 
     monkeypatch.setattr(frt.fastrelu, "relu", gpu_relu)
     x = torch.randn(5, requires_grad=True) * 1
-    monkeypatch.setattr(frt, "_device_type", lambda t: "cuda")
+    monkeypatch.setattr(frt, "_on_cuda", lambda t: True)
     y = frt.relu(x)
     (xa, out), = seen
     assert isinstance(xa, torch.Tensor) and not xa.requires_grad
