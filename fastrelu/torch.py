@@ -402,8 +402,13 @@ class _EagerActivation(torch.autograd.Function):
 
 
 def _check_inplace(x):
-    """PyTorch's refusals of in-place ops on leaves that require grad, before anything is
-    written."""
+    """PyTorch's refusals of in-place ops, before anything is written: on inference tensors
+    outside inference mode, and on leaves (or their views) that require grad."""
+    if x.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError("Inplace update to inference tensor outside InferenceMode is not "
+                           "allowed.You can make a clone to get a normal tensor before doing "
+                           "inplace update.See https://github.com/pytorch/rfcs/pull/17 for more "
+                           "details.")
     if not (x.requires_grad and torch.is_grad_enabled()):
         return
     if x.is_leaf:

@@ -308,6 +308,20 @@ def test_inplace_on_a_leaf_that_requires_grad_is_refused_before_writing(always_f
         fast(x, inplace=True)
 
 
+def test_inplace_on_an_inference_tensor_follows_pytorch(always_fastrelu):
+    with torch.inference_mode():
+        x = torch.randn(6)
+        frt.relu(x, inplace=True)  # allowed inside inference mode
+        assert torch.equal(x, x.clamp_min(0))
+    before = x.clone()
+    with pytest.raises(RuntimeError) as native:
+        torch.relu_(x)
+    with pytest.raises(RuntimeError) as fast:
+        frt.relu(x, inplace=True)
+    assert str(fast.value) == str(native.value)
+    assert torch.equal(x, before)
+
+
 def test_inplace_on_a_view_propagates_to_the_base(always_fastrelu):
     base = torch.randn(4, 5, requires_grad=True)
     grads = []
