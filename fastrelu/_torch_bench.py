@@ -99,11 +99,11 @@ def forced(op):
     """A context in which every size goes to fastrelu's kernels."""
     class Forced:
         def __enter__(self):
-            self.saved = frt.CROSSOVER[op]
-            frt.CROSSOVER[op] = 0
+            self.saved = frt.CROSSOVER["cpu"][op]
+            frt.CROSSOVER["cpu"][op] = 0
 
         def __exit__(self, *exc):
-            frt.CROSSOVER[op] = self.saved
+            frt.CROSSOVER["cpu"][op] = self.saved
     return Forced()
 
 
@@ -129,7 +129,7 @@ def crossover(rounds, seconds, out):
             faster_from = row["elements"]
         results[op] = {"rows": rows, "faster_from": faster_from}
         out(f"  {op}: fastrelu at least as fast from {faster_from} elements "
-            f"(CROSSOVER now {frt.CROSSOVER[op]})")
+            f"(CROSSOVER['cpu'] now {frt.CROSSOVER['cpu'][op]})")
     return results
 
 

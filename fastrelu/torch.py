@@ -35,7 +35,12 @@ __all__ = [
 # costs more than fastrelu's kernels save (forward + backward through autograd, measured by
 # `python -m fastrelu._torch_bench --crossover`).  torch.compile and torch.export apply it to the
 # traced sizes.  Statistics (track_stats) need fastrelu's kernels at every size.
-CROSSOVER = {"relu": 1 << 18, "leaky_relu": 1 << 18, "elu": 1 << 15, "prelu": 1 << 13}
+CROSSOVER = {
+    "cpu": {"relu": 1 << 18, "leaky_relu": 1 << 18, "elu": 1 << 15, "prelu": 1 << 13},
+    # not measured (no GPU run yet): an estimate from numba's launch path, tens of microseconds a
+    # kernel, against PyTorch's own CUDA kernels, which move the same bytes
+    "cuda": dict.fromkeys(("relu", "leaky_relu", "elu", "prelu"), 1 << 22),
+}
 
 _CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # bfloat16 CUDA tensors have no __cuda_array_interface__, fastrelu's way to the GPU kernels
@@ -442,7 +447,8 @@ def _routed(kind, x, size_matters=True):
     """Whether fastrelu's kernels take `x`: a float CPU or CUDA tensor of at least CROSSOVER
     elements (checked first: it is what turns small calls away cheaply; when tracing for
     torch.compile or torch.export, on the traced size)."""
-    if not isinstance(x, Tensor) or (size_matters and x.numel() < CROSSOVER[kind.name]):
+    if not isinstance(x, Tensor) or (size_matters and x.numel() <
+                                     CROSSOVER["cuda" if _on_cuda(x) else "cpu"][kind.name]):
         return False
     if x.layout is not torch.strided:
         return False

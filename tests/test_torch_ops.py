@@ -21,8 +21,9 @@ INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 @pytest.fixture
 def always_fastrelu(monkeypatch):
     """Every size goes to fastrelu's kernels (the tests use small tensors)."""
-    for op in frt.CROSSOVER:
-        monkeypatch.setitem(frt.CROSSOVER, op, 0)
+    for table in frt.CROSSOVER.values():
+        for op in table:
+            monkeypatch.setitem(table, op, 0)
 
 
 def edge_tensor(dtype, shape=(4, 6, 5, 7), seed=0, channels_last=False):
@@ -430,7 +431,7 @@ def count_kernel_calls(monkeypatch, name):
 
 def test_below_the_crossover_pytorch_runs(monkeypatch):
     calls = count_kernel_calls(monkeypatch, "relu")
-    monkeypatch.setitem(frt.CROSSOVER, "relu", 100)
+    monkeypatch.setitem(frt.CROSSOVER["cpu"], "relu", 100)
     frt.relu(torch.randn(99))
     assert calls == []
     frt.relu(torch.randn(100))
@@ -497,6 +498,17 @@ def test_cuda_tensors_go_to_the_gpu_api(always_fastrelu, monkeypatch):
     assert isinstance(xa, torch.Tensor) and not xa.requires_grad
     assert xa.data_ptr() == x.data_ptr() and out.data_ptr() == y.data_ptr()
     assert torch.equal(y, torch.relu(x))
+
+
+def test_cuda_tensors_have_their_own_crossover_and_dtypes(monkeypatch):
+    calls = count_kernel_calls(monkeypatch, "relu")
+    monkeypatch.setattr(frt, "_on_cuda", lambda t: True)
+    monkeypatch.setitem(frt.CROSSOVER["cpu"], "relu", 0)
+    frt.relu(torch.randn(5))  # below the CUDA crossover
+    assert calls == []
+    monkeypatch.setitem(frt.CROSSOVER["cuda"], "relu", 0)
+    frt.relu(torch.randn(5, dtype=torch.bfloat16))  # no __cuda_array_interface__ for bfloat16
+    assert calls == []
 
 
 def test_import_fastrelu_does_not_import_torch():
