@@ -4,8 +4,9 @@ and a small CNN's training step.
     python -m fastrelu._torch_bench [--quick] [--json PATH] [--crossover]
 
 Every comparison runs interleaved: each round times the native and the converted module back to
-back (alternating which goes first), and the figure reported is the median over rounds of the
-per-round ratio, so that load on a shared machine hits both sides alike.
+back (alternating which goes first), each as the median of its calls in the round, and the
+figure reported is the median over rounds of the per-round ratio, so that load on a shared
+machine hits both sides alike.
 """
 import argparse
 import json
@@ -51,15 +52,15 @@ def step_fn(module, x, grad):
 
 
 def time_calls(fn, seconds):
-    """Seconds per call of fn, averaged over as many calls as fit in about `seconds`."""
+    """Seconds per call of fn: the median of the calls that fit in about `seconds` (at least 3),
+    so that a call stalled by another process's time slice does not count."""
     fn()
-    calls, start = 0, time.perf_counter()
-    while True:
+    times, end = [], time.perf_counter() + seconds
+    while len(times) < 3 or time.perf_counter() < end:
+        start = time.perf_counter()
         fn()
-        calls += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return elapsed / calls
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def interleaved(native, fast, rounds, seconds):
@@ -189,8 +190,15 @@ def main(argv=None):
     parser.add_argument("--crossover", action="store_true",
                         help="measure where fastrelu starts to beat PyTorch, per op")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (odd)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for both PyTorch and fastrelu (default: as configured)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+        fastrelu.set_num_threads(args.threads)
     rounds = args.rounds or (3 if args.quick else 7)
     if rounds < 1:
         parser.error("--rounds must be at least 1")

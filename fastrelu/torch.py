@@ -32,11 +32,15 @@ __all__ = [
 ]
 
 # Tensors with fewer elements than this go to PyTorch's own kernel: below it the Python call path
-# costs more than fastrelu's kernels save (forward + backward through autograd, measured by
-# `python -m fastrelu._torch_bench --crossover`).  torch.compile and torch.export apply it to the
-# traced sizes.  Statistics (track_stats) need fastrelu's kernels at every size.
+# (about 50 us a forward + backward through autograd, 1 element, on a loaded 2-core EPYC VM)
+# costs more than fastrelu's kernels save.  Measured with `python -m fastrelu._torch_bench
+# --crossover` (forward + backward, 1 and 2 threads): PReLU wins from 2^15-2^16 elements on, ELU
+# from 2^16-2^17; ReLU and Leaky ReLU, whose kernels move the same bytes as PyTorch's, never won
+# by more than the noise (10^0 to 6.7e7 elements), so they stay PyTorch's unless statistics are
+# asked for.  torch.compile and torch.export apply these to the traced sizes.  Statistics
+# (track_stats) need fastrelu's kernels at every size.
 CROSSOVER = {
-    "cpu": {"relu": 1 << 18, "leaky_relu": 1 << 18, "elu": 1 << 15, "prelu": 1 << 13},
+    "cpu": {"relu": math.inf, "leaky_relu": math.inf, "elu": 1 << 17, "prelu": 1 << 15},
     # not measured (no GPU run yet): an estimate from numba's launch path, tens of microseconds a
     # kernel, against PyTorch's own CUDA kernels, which move the same bytes
     "cuda": dict.fromkeys(("relu", "leaky_relu", "elu", "prelu"), 1 << 22),
@@ -552,17 +556,20 @@ class _Tracked:
 
     def forward(self, input):
         kind = self._kind
-        if not (self.track_stats or _routed(kind, input)):
+        # small tensors first, in as few steps as possible: this is all they pay
+        if not self.track_stats and (not isinstance(input, Tensor) or input.numel() <
+                                     CROSSOVER["cuda" if input.is_cuda else "cpu"][kind.name]):
             return super().forward(input)  # the torch module's own
         param = 0.0 if self._param_name is None else _number(getattr(self, self._param_name))
         weight = self.weight if kind is _PRELU else None
         inplace = getattr(self, "inplace", False)
+        kernels_take_it = param is not None and _routed(kind, input, size_matters=False) and \
+            (weight is None or _prelu_weight_ok(input, weight))
         if not self.track_stats:
-            if param is None or (weight is not None and not _prelu_weight_ok(input, weight)):
+            if not kernels_take_it:
                 return super().forward(input)
             return _activate(kind, input, param, weight, inplace, False)[0]
-        if param is None or not _routed(kind, input, size_matters=False) or \
-                (weight is not None and not _prelu_weight_ok(input, weight)):
+        if not kernels_take_it:
             raise TypeError(f"{type(self).__name__}(track_stats=True) needs a float16, bfloat16, "
                             "float32 or float64 CPU tensor or a float16/32/64 CUDA tensor "
                             f"(a matching weight, a finite parameter), got {input.dtype} on "
