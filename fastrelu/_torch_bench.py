@@ -1,7 +1,8 @@
 """PyTorch report: fastrelu.torch modules against torch.nn's, forward + backward through autograd,
 and a small CNN's training step.
 
-    python -m fastrelu._torch_bench [--quick] [--json PATH] [--crossover]
+    python -m fastrelu._torch_bench [--quick] [--sections crossover,ops,cnn] [--threads N]
+                                    [--rounds N] [--json PATH]
 
 Every comparison runs interleaved: each round times the native and the converted module back to
 back (alternating which goes first), each as the median of its calls in the round, and the
@@ -182,24 +183,67 @@ def machine():
             "fastrelu": info["fastrelu"], "python": platform.python_version()}
 
 
+SECTIONS = ("crossover", "ops", "cnn")
+
+
+def ops_section(shapes, rounds, seconds, out):
+    out("\nmodule forward + backward through autograd (input and weight gradients):")
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for channels_last in (False, True):
+            for op in OPS:
+                for shape in shapes:
+                    r = op_case(op, shape, dtype, channels_last, rounds, seconds)
+                    r.update(op=op, shape=list(shape), dtype=str(dtype).split(".")[1],
+                             layout="channels_last" if channels_last else "contiguous")
+                    rows.append(r)
+                    label = (f"  {op:<10} {r['dtype']:<8} {r['layout']:<13} "
+                             f"{'x'.join(map(str, shape)):>16}")
+                    if "error" in r:
+                        out(f"{label}: not run ({r['error']})")
+                        break
+                    out(f"{label}: native {r['native_s'] * 1e3:9.3f} ms, fastrelu "
+                        f"{r['fastrelu_s'] * 1e3:9.3f} ms, {r['speedup']:5.2f}x "
+                        f"({r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f})")
+    return rows
+
+
+def cnn_section(rounds, seconds, out):
+    out("\nCNN training step (conv-PReLU-conv-LeakyReLU-linear, batch 64, 64x32x32, SGD):")
+    results = {}
+    for channels_last in (False, True):
+        layout = "channels_last" if channels_last else "contiguous"
+        r = results[layout] = cnn_case(channels_last, rounds, seconds)
+        out(f"  {layout:<13}: native {r['native_s'] * 1e3:8.2f} ms, fastrelu "
+            f"{r['fastrelu_s'] * 1e3:8.2f} ms, {r['speedup']:.2f}x "
+            f"({r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f})")
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fastrelu._torch_bench",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="sizes up to 10^6, fewer rounds (seconds, not minutes)")
-    parser.add_argument("--crossover", action="store_true",
-                        help="measure where fastrelu starts to beat PyTorch, per op")
+    parser.add_argument("--sections", default="ops,cnn",
+                        help="comma-separated, of: crossover (where fastrelu starts to beat "
+                             "PyTorch, per op, fastrelu forced at every size), ops, cnn "
+                             "(default: ops,cnn)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (odd)")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for both PyTorch and fastrelu (default: as configured)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
+    sections = args.sections.split(",")
+    unknown = [name for name in sections if name not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)}")
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be at least 1")
         torch.set_num_threads(args.threads)
         fastrelu.set_num_threads(args.threads)
-    rounds = args.rounds or (3 if args.quick else 7)
+    rounds = args.rounds if args.rounds is not None else 3 if args.quick else 7
     if rounds < 1:
         parser.error("--rounds must be at least 1")
     seconds = 0.05 if args.quick else 0.2
@@ -213,37 +257,14 @@ def main(argv=None):
         f"{m['fastrelu_threads']} fastrelu threads, torch {m['torch']}")
     out(f"medians of {rounds} interleaved rounds; ratio = native time / fastrelu time "
         "(> 1: fastrelu faster), min-max of the per-round ratios in brackets")
-    if args.crossover:
+    if "crossover" in sections:
         out("\ncrossover (float32, contiguous, fastrelu forced at every size):")
         results["crossover"] = crossover(rounds, seconds, out)
-    shapes = QUICK_SHAPES if args.quick else SHAPES + [stream_shape()]
-    out("\nmodule forward + backward through autograd (input and weight gradients):")
-    results["ops"] = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for channels_last in (False, True):
-            for op in OPS:
-                for shape in shapes:
-                    r = op_case(op, shape, dtype, channels_last, rounds, seconds)
-                    r.update(op=op, shape=list(shape), dtype=str(dtype).split(".")[1],
-                             layout="channels_last" if channels_last else "contiguous")
-                    results["ops"].append(r)
-                    label = (f"  {op:<10} {r['dtype']:<8} {r['layout']:<13} "
-                             f"{'x'.join(map(str, shape)):>16}")
-                    if "error" in r:
-                        out(f"{label}: not run ({r['error']})")
-                        break
-                    out(f"{label}: native {r['native_s'] * 1e3:9.3f} ms, fastrelu "
-                        f"{r['fastrelu_s'] * 1e3:9.3f} ms, {r['speedup']:5.2f}x "
-                        f"({r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f})")
-    out("\nCNN training step (conv-PReLU-conv-LeakyReLU-linear, batch 64, 64x32x32, SGD):")
-    results["cnn"] = {}
-    for channels_last in (False, True):
-        layout = "channels_last" if channels_last else "contiguous"
-        r = cnn_case(channels_last, rounds, seconds * 5)
-        results["cnn"][layout] = r
-        out(f"  {layout:<13}: native {r['native_s'] * 1e3:8.2f} ms, fastrelu "
-            f"{r['fastrelu_s'] * 1e3:8.2f} ms, {r['speedup']:.2f}x "
-            f"({r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f})")
+    if "ops" in sections:
+        shapes = QUICK_SHAPES if args.quick else SHAPES + [stream_shape()]
+        results["ops"] = ops_section(shapes, rounds, seconds, out)
+    if "cnn" in sections:
+        results["cnn"] = cnn_section(rounds, seconds * 5, out)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
