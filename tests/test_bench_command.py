@@ -273,6 +273,7 @@ def test_slow_groups_get_fewer_rounds():
 
 
 def test_peers_are_set_against_fastrelu_of_the_same_kind():
+    pytest.importorskip("torch")  # part of the test extra
     d = _report.Data(1000, np.float32, bench.cpu_backend())
     impls = _report.implementations(d, _report.OPS, ["torch"])
     groups = dict(pair for _, pairs in _report.row_groups(impls, "prelu", "fwd", "numpy")

@@ -137,7 +137,8 @@ def test_prelu_matches_pytorch(always_fastrelu, dtype, channels_last, channels):
         torch.testing.assert_close(dw[finite], wide[finite], rtol=1e-13, atol=0)
     else:
         assert torch.equal(dw[finite], wide[finite].to(dtype))
-    rtol = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float32: 1e-5,
+    # PyTorch's bfloat16 sums drift by up to ~10% on this data (fastrelu's is exact, above)
+    rtol = {torch.float16: 1e-2, torch.bfloat16: 2e-1, torch.float32: 1e-5,
             torch.float64: 1e-12}[dtype]
     torch.testing.assert_close(dw[finite], dw_ref[finite], rtol=rtol, atol=0)
 
