@@ -499,6 +499,28 @@ class Case:
         value = self.draw(st.sampled_from(ACTIVATIONS), label="activation")
         return True, value, str(value)
 
+    def weight_and_axis(self, args, kwargs, weight, passed_axis, axis):
+        """Passes PReLU's weight positionally (then perhaps the axis too) or as a keyword;
+        returns whether the axis is still to be passed."""
+        if not self.draw(st.booleans(), label="weight positional"):
+            kwargs["weight"] = weight
+            return passed_axis
+        args.append(weight)
+        if passed_axis and self.draw(st.booleans(), label="axis positional"):
+            args.append(axis)
+            return False
+        return passed_axis
+
+    def positional_or_keyword(self, args, kwargs, optional):
+        """Appends a drawn number of the (passed, key, value) of `optional` to `args` (values
+        left to their defaults hold the defaults), and passes the rest given as keywords."""
+        positional = self.draw(st.integers(0, len(optional)), label="positional count")
+        for i, (passed, key, value) in enumerate(optional):
+            if i < positional:
+                args.append(value)
+            elif passed:
+                kwargs[key] = value
+
     def keywords(self, args, kwargs, optional):
         """Adds each (passed, key, value) of `optional` as a keyword, then the hostile 'keyword'
         argument: an unknown keyword or positional arguments too many."""
@@ -879,13 +901,7 @@ def test_prelu(data):
     resolved, dtype = case.resolve([("x", xv), ("weight", wv)])
     case.check_out(outv, shape, dtype, same_ok=[xv], no_touch=[wv])
     args, kwargs = [xv], {}
-    if case.draw(st.booleans(), label="weight positional"):
-        args.append(wv)
-        if passed_axis and case.draw(st.booleans(), label="axis positional"):
-            args.append(axis)
-            passed_axis = False
-    else:
-        kwargs["weight"] = wv
+    passed_axis = case.weight_and_axis(args, kwargs, wv, passed_axis, axis)
     args, kwargs = case.keywords(args, kwargs, [
         (passed_axis, "axis", axis), (passed_stats, "stats", stats),
         (outv is not None, "out", outv), (passed_stream, "stream", stream)])
@@ -935,14 +951,9 @@ def test_bias_activation(data):
     resolved, dtype = case.resolve([("x", xv), ("bias", bv)])
     case.check_out(outv, shape, dtype, same_ok=[xv], no_touch=[bv])
     args, kwargs = [xv, bv], {}
-    positional = case.draw(st.integers(0, 3), label="positional count")
-    for i, (passed, key, value) in enumerate([(passed_act, "activation", activation),
+    case.positional_or_keyword(args, kwargs, [(passed_act, "activation", activation),
                                               (passed_p, "param", p),
-                                              (passed_axis, "axis", axis)]):
-        if i < positional:  # the values left to their defaults hold the defaults
-            args.append(value)
-        elif passed:
-            kwargs[key] = value
+                                              (passed_axis, "axis", axis)])
     args, kwargs = case.keywords(args, kwargs, [
         (passed_stats, "stats", stats), (outv is not None, "out", outv),
         (passed_stream, "stream", stream)])
@@ -1052,13 +1063,7 @@ def test_prelu_backward(data):
     else:
         out0 = out1 = None
     args, kwargs = [gv, xv], {}
-    if case.draw(st.booleans(), label="weight positional"):
-        args.append(wv)
-        if passed_axis and case.draw(st.booleans(), label="axis positional"):
-            args.append(axis)
-            passed_axis = False
-    else:
-        kwargs["weight"] = wv
+    passed_axis = case.weight_and_axis(args, kwargs, wv, passed_axis, axis)
     args, kwargs = case.keywords(args, kwargs, [
         (passed_axis, "axis", axis), (outv is not None, "out", outv),
         (passed_stream, "stream", stream)])
@@ -1114,18 +1119,13 @@ def test_bias_activation_backward(data):
     if isinstance(outv, (tuple, list)) and len(outv) == 2:
         out0, out1 = outv
         case.check_out(out0, shape, dtype, same_ok=[yv, gv])
-        case.check_out(out1, (c,), dtype, same_ok=[gv], no_touch=[yv], other_out=out0)
+        case.check_out(out1, (c,), dtype, same_ok=[], no_touch=[yv, gv], other_out=out0)
     else:
         out0 = out1 = None
     args, kwargs = [gv, yv], {}
-    positional = case.draw(st.integers(0, 3), label="positional count")
-    for i, (passed, key, value) in enumerate([(passed_act, "activation", activation),
+    case.positional_or_keyword(args, kwargs, [(passed_act, "activation", activation),
                                               (passed_p, "param", p),
-                                              (passed_axis, "axis", axis)]):
-        if i < positional:  # the values left to their defaults hold the defaults
-            args.append(value)
-        elif passed:
-            kwargs[key] = value
+                                              (passed_axis, "axis", axis)])
     args, kwargs = case.keywords(args, kwargs, [
         (outv is not None, "out", outv), (passed_stream, "stream", stream)])
     result = case.run(fastrelu.bias_activation_backward, args, kwargs, [out0, out1])
