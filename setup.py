@@ -15,7 +15,7 @@ if sys.platform != "linux":
 kernels = Extension(
     "fastrelu._cpu",
     sources=["fastrelu/_cpu.pyx"],
-    depends=["fastrelu/_kernels.h", "fastrelu/_loops.h"],
+    depends=["fastrelu/_kernels.h", "fastrelu/_loops.h", "fastrelu/_threads.h"],
     include_dirs=[np.get_include(), "fastrelu"],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     extra_compile_args=compile_args,

@@ -1,4 +1,4 @@
-/* fastrelu CPU kernels: the contract of every op, SIMD dispatch, and the OpenMP driver.
+/* fastrelu CPU kernels: the contract of every op, SIMD dispatch, and the driver.
  *
  * A call is an fr_job: n elements in memory order, element k in channel (k / inner) % C (C = 1,
  * inner = n when nothing is per channel).  fr_run lays it out as either
@@ -6,9 +6,9 @@
  *     see one constant; sums per channel are register reductions; or
  *   - "rows" (short runs): a periodic pattern of L columns, element k taking column k % L's
  *     parameter; sums per column, folded into channels at the end.
- * It splits [0, n) into one contiguous share per thread, so threads never share a cache line of
- * output, and adds the per-thread partial sums in a fixed order (results do not depend on which
- * thread ran first).
+ * It cuts [0, n) into contiguous chunks that threads claim (_threads.h), with boundaries on cache
+ * lines so that threads never share a line of output, and adds the per-chunk partial sums in a
+ * fixed order (results do not depend on which thread ran what).
  *
  * float16 and bfloat16 are staged through small float32 buffers (they are computed in float32), so
  * each op's loop exists only for float and double; outputs of 64 MiB and more are staged too, and written with
@@ -18,16 +18,12 @@
 #define FASTRELU_KERNELS_H
 
 #include <math.h>
-#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 #include <immintrin.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "_threads.h"
 
 #if !defined(__x86_64__)
 #error "fastrelu's CPU kernels target x86-64"
@@ -284,109 +280,10 @@ static int fr_select_isa(int cap) {
 
 static const char *fr_isa_name(void) { return fr_isa_in_use->name; }
 
-/* ---- threads ----------------------------------------------------------------------------- */
-
-/* Below this many elements a kernel runs on the calling thread: waking the team costs more than
- * the memory traffic it would share (measured: two threads win from about 32K float32 elements). */
-#define FR_PARALLEL_MIN_ELEMENTS ((ptrdiff_t)1 << 15)
-
-static int fr_default_threads = 1;   /* OpenMP's default when the module loaded */
-static int fr_max_threads = 1;       /* the cap: FR_THREADS_PER_CPU per logical CPU */
-static int fr_requested_threads = 0; /* set_num_threads(); 0: follow OpenMP */
-static __thread int fr_set_here = 0; /* set_num_threads() was called on this thread */
-static int fr_team_started = 0;      /* a threaded kernel has run in this process */
-static int fr_in_forked_child = 0;   /* forked after that: libgomp's team is gone, stay serial */
-
-/* More threads than this per logical CPU only add switching, and thousands make OpenMP's team
- * creation fail (or crash the process). */
-#define FR_THREADS_PER_CPU 4
-
-static void fr_after_fork_in_child(void) {
-    if (__atomic_load_n(&fr_team_started, __ATOMIC_RELAXED)) fr_in_forked_child = 1;
-}
-
-static void fr_init_threads(void) {
-    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    cpus = cpus < 1 ? 1 : cpus > (1 << 20) ? (1 << 20) : cpus;
-    fr_max_threads = (int)cpus * FR_THREADS_PER_CPU;
-#ifdef _OPENMP
-    if (omp_get_thread_limit() < fr_max_threads) fr_max_threads = omp_get_thread_limit();
-    fr_default_threads = omp_get_max_threads();
-    pthread_atfork(NULL, NULL, fr_after_fork_in_child);
-#endif
-}
-
-static int fr_thread_cap(void) { return fr_max_threads; }
-
-/* set_num_threads(n) is OpenMP's own limit on the calling thread (omp_set_num_threads, as
- * threadpoolctl and torch.set_num_threads use), so a later threadpoolctl limit there overrides
- * it, whatever its value; other threads, whose OpenMP limit is still the default, take n too
- * unless their own limit has been changed.  Never more than the cap. */
-static int fr_get_num_threads(void) {
-#ifdef _OPENMP
-    if (fr_in_forked_child) return 1;
-    int n = omp_get_max_threads();
-    if (fr_requested_threads > 0 && !fr_set_here && n == fr_default_threads)
-        n = fr_requested_threads;
-    return n < fr_max_threads ? n : fr_max_threads;
-#else
-    return 1;
-#endif
-}
-
-static void fr_set_num_threads(int n) {
-    fr_requested_threads = n;
-#ifdef _OPENMP
-    omp_set_num_threads(n);
-    fr_set_here = 1;
-#endif
-}
-
 /* Outputs at least this large are written with non-temporal stores: they cannot stay in cache
  * anyway, and skipping write-allocate saves a third of the memory traffic. */
 #ifndef FR_STREAM_MIN_BYTES
 #define FR_STREAM_MIN_BYTES ((size_t)64 << 20)
-#endif
-
-static int fr_threads_for(ptrdiff_t n) {
-    if (n < FR_PARALLEL_MIN_ELEMENTS) return 1;
-    ptrdiff_t most = n / (FR_PARALLEL_MIN_ELEMENTS / 2);
-    int nt = fr_get_num_threads();
-    return most < nt ? (int)most : nt;
-}
-
-/* Thread t's range [*a, *b) of n elements: equal shares, rounded to 64 elements so that the
- * boundaries fall on cache lines. */
-static void fr_share(ptrdiff_t n, int t, int nt, ptrdiff_t *a, ptrdiff_t *b) {
-    ptrdiff_t chunk = ((n + nt - 1) / nt + 63) & ~(ptrdiff_t)63;
-    *a = (ptrdiff_t)t * chunk < n ? (ptrdiff_t)t * chunk : n;
-    *b = *a + chunk < n ? *a + chunk : n;
-}
-
-/* Runs BODY for every share t in [0, nt): on the calling thread when nt is 1, else spread over
- * an OpenMP team.  The team may come out smaller than asked (inside another parallel region,
- * under OMP_THREAD_LIMIT), so each member takes every team-size'th share: none is ever skipped. */
-#ifdef _OPENMP
-#define FR_PARALLEL(nt, t, ...)                                                                \
-    do {                                                                                        \
-        if ((nt) == 1) {                                                                        \
-            const int t = 0;                                                                    \
-            __VA_ARGS__;                                                                        \
-        } else {                                                                                \
-            __atomic_store_n(&fr_team_started, 1, __ATOMIC_RELAXED);                            \
-            _Pragma("omp parallel num_threads(nt)") {                                          \
-                for (int t = omp_get_thread_num(); t < (nt); t += omp_get_num_threads()) {      \
-                    __VA_ARGS__;                                                                \
-                }                                                                               \
-            }                                                                                   \
-        }                                                                                       \
-    } while (0)
-#else
-#define FR_PARALLEL(nt, t, ...)                                                                \
-    do {                                                                                        \
-        const int t = 0;                                                                        \
-        __VA_ARGS__;                                                                            \
-    } while (0)
 #endif
 
 /* ---- one share: type dispatch, float16 and streaming stages ------------------------------- */
@@ -601,7 +498,7 @@ static void fr_channel_sums(int backward, char *sums, ptrdiff_t C, ptrdiff_t inn
 }
 #undef FR_SUMS
 
-/* Adds up a region of n partial sums: every thread's, and in rows every copy of the period, in
+/* Adds up a region of n partial sums: every chunk's, and in rows every copy of the period, in
  * a fixed order into the first period; then each channel's columns.  Returns the C totals. */
 static const char *fr_total(const fr_job *job, char *sums, size_t n) {
     const size_t width = job->L ? (size_t)job->C * (size_t)job->inner : (size_t)job->C;
@@ -630,8 +527,48 @@ static void fr_store_sums(int dt, void *dst, const char *totals, ptrdiff_t C) {
 #define FR_MIN_ROW 256
 #define FR_MAX_ROW ((ptrdiff_t)1 << 20)
 
+/* Chunks per thread: a thread the OS deschedules mid-chunk keeps the others waiting for at most
+ * one chunk, and the caller takes over the chunks of a thread that never starts. */
+#define FR_CHUNKS_PER_THREAD 8
+
+/* How many chunks a job of n elements on nt threads is cut into: a function of n, nt and the
+ * partial sums' length only, so that its sums (added chunk by chunk, in order) never depend on
+ * which thread ran what.  Chunks hold at least FR_PARALLEL_MIN_ELEMENTS / 2 elements, and their
+ * partial sums (sum_len each) stay small beside the data they sum. */
+static int fr_chunks_for(ptrdiff_t n, int nt, size_t sum_len) {
+    if (nt <= 1) return 1;
+    ptrdiff_t chunks = (ptrdiff_t)nt * FR_CHUNKS_PER_THREAD;
+    const ptrdiff_t by_size = n / (FR_PARALLEL_MIN_ELEMENTS / 2);
+    chunks = by_size < chunks ? by_size : chunks;
+    if (sum_len) {
+        const ptrdiff_t by_sums = n / (16 * (ptrdiff_t)sum_len);
+        chunks = by_sums < chunks ? by_sums : chunks;
+    }
+    chunks = chunks < nt ? nt : chunks;
+    return chunks < FR_MAX_CHUNKS ? (int)chunks : FR_MAX_CHUNKS;
+}
+
+typedef struct {
+    const fr_job *job;
+    int chunks;
+    char *sums;    /* each chunk's partial sums (len 8-byte slots), or NULL */
+    size_t len;
+    size_t region; /* bytes of one region: the bias gradient's partials follow the first */
+    int with_bias_grad;
+} fr_split;
+
+static void fr_run_chunk(void *arg, int chunk) {
+    const fr_split *split = arg;
+    const fr_job *job = split->job;
+    ptrdiff_t a, b;
+    fr_share(job->n, chunk, split->chunks, &a, &b);
+    char *mine = split->sums ? split->sums + (size_t)chunk * split->len * 8 : NULL;
+    fr_run_share(job, a, b, mine, split->with_bias_grad ? (double *)(mine + split->region) : NULL);
+    if (job->stream) _mm_sfence(); /* streamed stores are visible before the call returns */
+}
+
 /* Runs a job on the right number of threads.  Returns 0, or -1 when memory for the rows layout or
- * the per-thread partial sums could not be allocated (nothing is written then). */
+ * the per-chunk partial sums could not be allocated (nothing is written then). */
 static int fr_run(fr_job *job) {
     const int dt = job->dt, want = fr_want_sums(job);
     const size_t csz = dt == FR_F64 ? sizeof(double) : sizeof(float); /* compute type */
@@ -675,35 +612,31 @@ static int fr_run(fr_job *job) {
         }
         job->L = L;
     }
-    /* per-thread sums, 8 bytes a column (rows) or channel (runs) */
+    /* per-chunk sums, 8 bytes a column (rows) or channel (runs) */
     const size_t len = job->L ? (size_t)job->L : (size_t)job->C;
     const int nt = fr_threads_for(job->n);
-    /* one region of partial sums (two with a bias gradient), each holding every thread's */
-    const size_t region = (size_t)nt * len * 8;
+    const int chunks = fr_chunks_for(job->n, nt, want ? len : 0);
+    /* one region of partial sums (two with a bias gradient), each holding every chunk's */
+    const size_t region = (size_t)chunks * len * 8;
     char *sums = NULL;
     if (want && !(sums = calloc(with_bias_grad ? 2 : 1, region))) {
         free(rows);
         return -1;
     }
-    FR_PARALLEL(nt, t, {
-        ptrdiff_t a, b;
-        fr_share(job->n, t, nt, &a, &b);
-        char *mine = sums ? sums + (size_t)t * len * 8 : NULL;
-        fr_run_share(job, a, b, mine, with_bias_grad ? (double *)(mine + region) : NULL);
-        if (job->stream) _mm_sfence(); /* streamed stores are visible before the team joins */
-    });
+    fr_split split = {job, chunks, sums, len, region, with_bias_grad};
+    fr_parallel(nt, chunks, fr_run_chunk, &split);
     if (sums) {
         if (!job->backward)
-            memcpy(job->counts, fr_total(job, sums, nt * len), (size_t)job->C * sizeof(int64_t));
+            memcpy(job->counts, fr_total(job, sums, chunks * len), (size_t)job->C * sizeof(int64_t));
         else if (fr_shared_weight_sum(job)) { /* the channels' sums, added in float64 */
-            const double *totals = (const double *)fr_total(job, sums, nt * len);
+            const double *totals = (const double *)fr_total(job, sums, chunks * len);
             double all = 0.0;
             for (ptrdiff_t c = 0; c < job->C; c++) all += totals[c];
             fr_store(dt, job->param_grad, 0, all);
         } else
-            fr_store_sums(dt, job->param_grad, fr_total(job, sums, nt * len), job->C);
+            fr_store_sums(dt, job->param_grad, fr_total(job, sums, chunks * len), job->C);
         if (with_bias_grad)
-            fr_store_sums(dt, job->bias_grad, fr_total(job, sums + region, nt * len), job->C);
+            fr_store_sums(dt, job->bias_grad, fr_total(job, sums + region, chunks * len), job->C);
         free(sums);
     }
     free(rows);

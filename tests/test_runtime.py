@@ -132,13 +132,117 @@ def test_fork_after_threaded_kernel_does_not_hang():
         if __name__ == "__main__":
             fastrelu.set_num_threads(2)
             x = np.linspace(-1, 1, 1 << 20, dtype=np.float32)
-            expected = float(fastrelu.relu(x).sum())  # runs the OpenMP team in the parent
+            expected = float(fastrelu.relu(x).sum())  # starts the worker threads in the parent
             with mp.get_context("fork").Pool(2) as pool:
                 results = pool.map(child, range(4))
             assert results == [expected] * 4, (results, expected)
             print("ok")
     """
     assert run_python(code, timeout=60) == "ok"
+
+
+# Defines worker_threads() in a child process: fastrelu's pool threads (named "fastrelu"), or with
+# status=True their /proc status fields.
+WORKER_THREADS = """
+import os
+def worker_threads(status=False):
+    found = []
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/status") as f:
+            fields = dict(line.rstrip("\\n").split(":\\t", 1) for line in f if ":\\t" in line)
+        if fields["Name"] == "fastrelu":
+            found.append(fields)
+    return found if status else len(found)
+"""
+
+
+def test_workers_are_started_as_needed_and_no_more():
+    # the pool grows to the thread count of the largest call: set_num_threads(1) starts none,
+    # 3 threads start two workers beside the caller, and calls below the serial threshold none
+    code = """
+        import numpy as np, fastrelu
+        x = -np.ones(1 << 20, np.float32)
+        fastrelu.set_num_threads(1)
+        fastrelu.relu(x)
+        one = worker_threads()
+        fastrelu.set_num_threads(3)
+        fastrelu.relu(x[:1000])
+        small = worker_threads()
+        fastrelu.leaky_relu(x, 0.5)
+        three = worker_threads()
+        fastrelu.leaky_relu(x, 0.5)
+        again = worker_threads()
+        print(one, small, three, again)
+    """
+    assert run_python(WORKER_THREADS + textwrap.dedent(code), {"OMP_NUM_THREADS": "1"}) == "0 0 2 2"
+
+
+def test_the_pool_starts_afresh_in_a_forked_child_even_mid_call():
+    # a fork while another thread is inside a threaded kernel: the child's pool (whose lock that
+    # thread held) must work, on threads of its own, and compute correctly
+    code = """
+        import os, threading, numpy as np, fastrelu
+        fastrelu.set_num_threads(2)
+        x = np.linspace(-1, 1, 1 << 22, dtype=np.float32)
+        expected = fastrelu.leaky_relu(x, 0.25)
+        stop = threading.Event()
+        def busy():
+            while not stop.is_set():
+                fastrelu.leaky_relu(x, 0.25)
+        t = threading.Thread(target=busy)
+        t.start()
+        statuses = []
+        for _ in range(20):
+            pid = os.fork()
+            if pid == 0:
+                before = worker_threads()
+                ok = np.array_equal(fastrelu.leaky_relu(x, 0.25), expected)
+                os._exit(0 if ok and before == 0 and worker_threads() == 1 else 1)
+            statuses.append(os.waitpid(pid, 0)[1])
+        stop.set()
+        t.join()
+        print(statuses == [0] * 20)
+    """
+    assert run_python(WORKER_THREADS + textwrap.dedent(code), timeout=120) == "True"
+
+
+def test_sums_do_not_depend_on_which_thread_ran_what(threads):
+    # partial sums are per chunk and added in chunk order, so a call gives the same bits whether
+    # its chunks ran on the pool or (the pool being busy with another call) all on its caller
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4000, 100)).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    w = rng.random(100).astype(np.float32)
+    fastrelu.set_num_threads(2)
+    expected = fastrelu.prelu_backward(g, x, w, 1)[1]
+    counts = fastrelu.relu(x, stats=True)[1]
+    results = []
+
+    def work():
+        for _ in range(20):
+            results.append((fastrelu.prelu_backward(g, x, w, 1)[1],
+                            fastrelu.relu(x, stats=True)[1]))
+
+    workers = [threading.Thread(target=work) for _ in range(4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert len(results) == 80
+    for dw, c in results:
+        assert_bitwise(dw, expected)
+        np.testing.assert_array_equal(c.positive, counts.positive)
+
+
+def test_worker_threads_leave_signals_to_the_interpreter():
+    code = """
+        import numpy as np, fastrelu
+        fastrelu.set_num_threads(2)
+        fastrelu.relu(np.ones(1 << 20, np.float32))
+        masks = [int(status["SigBlk"], 16) for status in worker_threads(status=True)]
+        print([bool(mask & (1 << 1)) for mask in masks])  # SIGINT is signal 2
+    """
+    assert run_python(WORKER_THREADS + textwrap.dedent(code)) == "[True]"
 
 
 SIMD_CHECK = """
@@ -257,9 +361,9 @@ def test_more_than_2_to_the_31_elements():
     del x
 
 
-def test_smaller_openmp_team_still_covers_every_element():
-    # OMP_THREAD_LIMIT=1 makes every team one thread although two are asked for: no share of
-    # the data may be skipped
+def test_openmp_thread_limit_is_obeyed_and_covers_every_element():
+    # OMP_THREAD_LIMIT=1 caps the threads although two are asked for: no part of the data may be
+    # skipped
     code = """
         import numpy as np, fastrelu
         fastrelu.set_num_threads(2)
