@@ -1,6 +1,7 @@
 """Command line: ``fastrelu bench`` (the benchmark report), ``fastrelu experiment`` (is leaky
 worth it?) and ``fastrelu info``; also ``python -m fastrelu ...``."""
 import argparse
+import importlib.util
 import json
 import sys
 
@@ -36,6 +37,12 @@ def _command_module(args):
         from . import experiment
 
         return experiment
+    if args.torch:
+        if importlib.util.find_spec("torch") is None:
+            raise UsageError("--torch needs PyTorch: pip install 'fastrelu[torch]'")
+        from . import _torch_bench
+
+        return _torch_bench
     if args.device == "cuda":
         from . import _gpu_bench
 
@@ -90,6 +97,11 @@ def main(argv=None):
                    help="instead of the report: leaky_relu's per-call median and 90th percentile "
                    "with --threads (default: all) and with 1 thread, and PyTorch's, while a "
                    "process spins on one core (--sizes, default 1e5,1e6,1e7)")
+    b.add_argument("--torch", action="store_true",
+                   help="instead of the report: fastrelu.torch's modules against torch.nn's "
+                   "(forward + backward through autograd, float32 and bfloat16, contiguous and "
+                   "channels-last) and a small CNN's training step (needs PyTorch; --quick, "
+                   "--threads, --repeats and --json apply)")
     e = commands.add_parser(
         "experiment", help="train one MLP with each activation: accuracy, dead units, time",
         description="Trains the same MLP with ReLU, Leaky ReLU (0.01, 0.2), PReLU and ELU in "

@@ -143,6 +143,13 @@ def check_outputs(json_path, plot_path):
     return pyplot()
 
 
+def check_threads(threads):
+    """--threads: at most the logical CPUs (more only time the switching between them)."""
+    cpus = os.cpu_count()
+    if threads is not None and cpus and threads > cpus:
+        raise UsageError(f"--threads {threads}: more than the {cpus} logical CPUs here")
+
+
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend."""
     try:

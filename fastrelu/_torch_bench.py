@@ -1,6 +1,7 @@
 """PyTorch report: fastrelu.torch modules against torch.nn's, forward + backward through autograd,
 and a small CNN's training step.
 
+    fastrelu bench --torch [--quick] [--threads N] [--repeats N] [--json PATH]
     python -m fastrelu._torch_bench [--quick] [--sections crossover,ops,cnn] [--threads N]
                                     [--rounds N] [--json PATH]
 
@@ -21,7 +22,7 @@ import torch.nn as nn
 
 import fastrelu
 from fastrelu import torch as frt
-from fastrelu._report import cpu_model
+from fastrelu._report import UsageError, check_outputs, check_threads, cpu_model
 from fastrelu.bench import cpu_backend
 
 # (N, C, H, W) with 64 channels, from 10^3 elements to the STREAM size (2^26 float32 elements,
@@ -221,6 +222,52 @@ def cnn_section(rounds, seconds, out):
     return results
 
 
+def prepare(args):
+    """``fastrelu bench --torch``: checks the options that apply (UsageError for the others) and
+    returns the run of the ops and CNN sections."""
+    for option in ("sizes", "ops", "dtypes", "plot"):
+        if getattr(args, option) is not None:
+            raise UsageError(f"--torch times every op on its own shapes and draws nothing: "
+                             f"--{option} does not apply")
+    if args.contention:
+        raise UsageError("--torch and --contention are separate reports: give one")
+    if args.device != "cpu":
+        raise UsageError("--torch compares with PyTorch on the CPU: --device does not apply")
+    check_threads(args.threads)
+    check_outputs(args.json, None)
+    rounds = args.repeats if args.repeats is not None else 3 if args.quick else 7
+    return lambda: run(("ops", "cnn"), args.quick, rounds, args.threads, args.json)
+
+
+def run(sections, quick, rounds, threads, json_path):
+    if threads is not None:
+        torch.set_num_threads(threads)
+        fastrelu.set_num_threads(threads)
+    seconds = 0.05 if quick else 0.2
+
+    def out(line=""):
+        print(line, flush=True)
+
+    results = {"machine": machine(), "rounds": rounds}
+    m = results["machine"]
+    out(f"fastrelu.torch report: {m['cpu']}, {m['simd']}, {m['threads']} torch threads, "
+        f"{m['fastrelu_threads']} fastrelu threads, torch {m['torch']}")
+    out(f"medians of {rounds} interleaved rounds; ratio = native time / fastrelu time "
+        "(> 1: fastrelu faster), min-max of the per-round ratios in brackets")
+    if "crossover" in sections:
+        out("\ncrossover (float32, contiguous, fastrelu forced at every size):")
+        results["crossover"] = crossover(rounds, seconds, out)
+    if "ops" in sections:
+        shapes = QUICK_SHAPES if quick else SHAPES + [stream_shape()]
+        results["ops"] = ops_section(shapes, rounds, seconds, out)
+    if "cnn" in sections:
+        results["cnn"] = cnn_section(rounds, seconds * 5, out)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fastrelu._torch_bench",
                                      description=__doc__.split("\n\n")[0])
@@ -239,37 +286,16 @@ def main(argv=None):
     unknown = [name for name in sections if name not in SECTIONS]
     if unknown:
         parser.error(f"unknown section(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)}")
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be at least 1")
-        torch.set_num_threads(args.threads)
-        fastrelu.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     rounds = args.rounds if args.rounds is not None else 3 if args.quick else 7
     if rounds < 1:
         parser.error("--rounds must be at least 1")
-    seconds = 0.05 if args.quick else 0.2
-
-    def out(line=""):
-        print(line, flush=True)
-
-    results = {"machine": machine(), "rounds": rounds}
-    m = results["machine"]
-    out(f"fastrelu.torch report: {m['cpu']}, {m['simd']}, {m['threads']} torch threads, "
-        f"{m['fastrelu_threads']} fastrelu threads, torch {m['torch']}")
-    out(f"medians of {rounds} interleaved rounds; ratio = native time / fastrelu time "
-        "(> 1: fastrelu faster), min-max of the per-round ratios in brackets")
-    if "crossover" in sections:
-        out("\ncrossover (float32, contiguous, fastrelu forced at every size):")
-        results["crossover"] = crossover(rounds, seconds, out)
-    if "ops" in sections:
-        shapes = QUICK_SHAPES if args.quick else SHAPES + [stream_shape()]
-        results["ops"] = ops_section(shapes, rounds, seconds, out)
-    if "cnn" in sections:
-        results["cnn"] = cnn_section(rounds, seconds * 5, out)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    return 0
+    try:
+        check_outputs(args.json, None)
+    except UsageError as exc:
+        parser.error(str(exc))
+    return run(sections, args.quick, rounds, args.threads, args.json)
 
 
 if __name__ == "__main__":

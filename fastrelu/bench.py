@@ -28,8 +28,8 @@ import numpy as np
 from . import _cpu, _step_bench
 from ._api import prelu, prelu_backward
 from ._report import (ATTEMPTS, CHANNELS, FASTRELU, SPREAD_LIMIT, VALUE_CASES, Backend, Data,
-                      Progress, UsageError, available_memory_bytes, cost_ratios, element_count,
-                      entries, fastrelu_impls, format_time, human_size, installed,
+                      Progress, UsageError, available_memory_bytes, check_threads, cost_ratios,
+                      element_count, entries, fastrelu_impls, format_time, human_size, installed,
                       last_level_cache_bytes, machine_description, measure, op_directions,
                       plot_report, recipe_impls, report_options, size_plan, sweep, timed,
                       write_json)
@@ -415,9 +415,7 @@ def check_contention_options(args):
 
 def prepare(args):
     """Checks every option (UsageError) and returns the run, which nothing has started yet."""
-    cpus = os.cpu_count()
-    if args.threads is not None and cpus and args.threads > cpus:
-        raise UsageError(f"--threads {args.threads}: more than the {cpus} logical CPUs here")
+    check_threads(args.threads)
     if args.contention:
         sizes, threads = check_contention_options(args)
         if args.json is not None:
