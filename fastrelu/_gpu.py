@@ -27,7 +27,8 @@ import numpy as np
 from numba import cuda
 from numba.cuda import types
 
-from ._cpu import BIAS, COPY, COUNT, ELU, LEAKY, RELU, SUM_GRAD, SUM_NONE, SUM_WEIGHT, WEIGHT
+from ._cpu import (BIAS, COPY, COUNT, ELU, ELU_FROM_Y, LEAKY, RELU, SUM_GRAD, SUM_NONE,
+                   SUM_WEIGHT, WEIGHT)
 from ._cuda_arrays import LIBRARIES, array_library as _kind, device_index
 
 SIMULATOR = bool(getattr(numba.config, "ENABLE_CUDASIM", 0))
@@ -39,6 +40,7 @@ FULL_MASK = 0xFFFFFFFF
 # bfloat16 data travel as their uint16 bits (numba has no bfloat16 arrays)
 STORAGE = {"float16": types.float16, "float32": types.float32, "float64": types.float64,
            "bfloat16": types.uint16}
+OP_NAMES = {RELU: "relu", LEAKY: "leaky_relu", ELU: "elu", COPY: "copy", ELU_FROM_Y: "elu_from_y"}
 
 
 # ---- primitives: LLVM IR on the GPU, their Python equivalents under the simulator --------------
@@ -58,10 +60,11 @@ def _compiled_primitives():
     def vector_pointers(context, builder, sig, args, count, width):
         """Global-memory pointers to `count` vectors of `width` elements of the 1-d array
         args[0], at vector indices i + u * stride (in i's integer width: 32-bit indices stay
-        32-bit)."""
+        32-bit); with the vectors' type and size in bytes."""
         aty, ity = sig.args[0], sig.args[1]
         data = context.make_array(aty)(context, builder, args[0]).data
-        vector = ir.VectorType(context.get_data_type(aty.dtype), width)
+        element = context.get_data_type(aty.dtype)
+        vector = ir.VectorType(element, width)
         base = builder.addrspacecast(builder.bitcast(data, ir.PointerType(vector)),
                                      ir.PointerType(vector, 1), "global")
         i = args[1]
@@ -71,12 +74,45 @@ def _compiled_primitives():
             index = i if u == 0 else builder.add(
                 i, builder.mul(stride, ir.Constant(i.type, u), flags=["nsw"]), flags=["nsw"])
             pointers.append(builder.gep(base, [index], inbounds=True))
-        return pointers, vector.element.get_abi_size(context.target_data) * width
+        return pointers, vector, element.get_abi_size(context.target_data) * width
+
+    i16, i32, i64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
+    # 16 bytes of 16-bit elements: NVVM splits <8 x half> into two 8-byte accesses, so they move
+    # as four 32-bit words through PTX's own 16-byte load and store
+    words_load = ir.InlineAsm(ir.FunctionType(ir.LiteralStructType([i32] * 4), [i64]),
+                              "ld.global.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l",
+                              side_effect=True)
+    words_store = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [i64] + [i32] * 4),
+                               "st.global.v4.b32 [$0], {$1, $2, $3, $4};", "l,r,r,r,r",
+                               side_effect=True)
+
+    def load_elements(builder, pointer, vector, size):
+        if size == 16 and vector.count == 8:
+            words = builder.call(words_load, [builder.ptrtoint(pointer, i64)])
+            elements = []
+            for k in range(8):
+                half = builder.lshr(builder.extract_value(words, k // 2),
+                                    ir.Constant(i32, 16 * (k % 2)))
+                elements.append(builder.bitcast(builder.trunc(half, i16), vector.element))
+            return elements
+        v = builder.load(pointer, align=size)
+        return [builder.extract_element(v, ir.Constant(i32, k)) for k in range(vector.count)]
+
+    def store_elements(builder, pointer, vector, size, elements):
+        if size == 16 and vector.count == 8:
+            bits = [builder.zext(builder.bitcast(e, i16), i32) for e in elements]
+            words = [builder.or_(bits[2 * q], builder.shl(bits[2 * q + 1], ir.Constant(i32, 16)))
+                     for q in range(4)]
+            builder.call(words_store, [builder.ptrtoint(pointer, i64)] + words)
+            return
+        v = ir.Constant(vector, ir.Undefined)
+        for k, e in enumerate(elements):
+            v = builder.insert_element(v, e, ir.Constant(i32, k))
+        builder.store(v, pointer, align=size)
 
     def buffer_slots(context, builder, bty, buf, n):
         data = context.make_array(bty)(context, builder, buf).data
-        return [builder.gep(data, [ir.Constant(ir.IntType(32), k)], inbounds=True)
-                for k in range(n)]
+        return [builder.gep(data, [ir.Constant(i32, k)], inbounds=True) for k in range(n)]
 
     @intrinsic
     def load_vectors(typingctx, a, i, stride, buf, count, width):
@@ -85,13 +121,12 @@ def _compiled_primitives():
         n, w = literal(count), literal(width)
 
         def codegen(context, builder, sig, args):
-            pointers, align = vector_pointers(context, builder, sig, args, n, w)
-            values = [builder.load(p, align=align) for p in pointers]
+            pointers, vector, size = vector_pointers(context, builder, sig, args, n, w)
+            loaded = [load_elements(builder, p, vector, size) for p in pointers]
             slots = buffer_slots(context, builder, sig.args[3], args[3], n * w)
-            for u, v in enumerate(values):
-                for k in range(w):
-                    builder.store(builder.extract_element(v, ir.Constant(ir.IntType(32), k)),
-                                  slots[u * w + k])
+            for u, elements in enumerate(loaded):
+                for k, e in enumerate(elements):
+                    builder.store(e, slots[u * w + k])
             return context.get_dummy_value()
 
         return types.void(a, i, stride, buf, count, width), codegen
@@ -102,14 +137,11 @@ def _compiled_primitives():
         n, w = literal(count), literal(width)
 
         def codegen(context, builder, sig, args):
-            pointers, align = vector_pointers(context, builder, sig, args, n, w)
+            pointers, vector, size = vector_pointers(context, builder, sig, args, n, w)
             slots = buffer_slots(context, builder, sig.args[3], args[3], n * w)
             for u, p in enumerate(pointers):
-                v = ir.Constant(p.type.pointee, ir.Undefined)
-                for k in range(w):
-                    v = builder.insert_element(v, builder.load(slots[u * w + k]),
-                                               ir.Constant(ir.IntType(32), k))
-                builder.store(v, p, align=align)
+                store_elements(builder, p, vector, size,
+                               [builder.load(slots[u * w + k]) for k in range(w)])
             return context.get_dummy_value()
 
         return types.void(a, i, stride, buf, count, width), codegen
@@ -860,3 +892,43 @@ def state():
                 "numba": numba.__version__}
     return {"available": False, "loaded": True, "numba": numba.__version__,
             "reason": "numba finds no CUDA GPU (driver or device missing)"}
+
+
+def kernel_variants():
+    """{name: (kernel, argument types)}: every flat kernel (each op, direction and storage, with
+    16-byte accesses and 32-bit indices, plus float32's 64-bit-index and unaligned ones), the
+    rows kernels with every flag on, and the casts: what CI compiles for a Hopper GPU."""
+    variants = {}
+    for storage in STORAGE:
+        ct = types.float64 if storage == "float64" else types.float32
+        a1, a2 = _array_type(storage, 1), _array_type(storage, 2)
+        width = VECTOR_BYTES // np.dtype(STORAGE[storage].name).itemsize
+        for direction, ops in (("forward", (RELU, LEAKY, ELU, COPY)),
+                               ("backward", (RELU, LEAKY, ELU, ELU_FROM_Y))):
+            arrays = (a1,) * (2 if direction == "forward" else 3)
+            for op in ops:
+                variants[f"flat_{direction}[{OP_NAMES[op]},{storage}]"] = (
+                    flat_kernel(direction, op, storage, width), arrays + (ct, types.int32))
+                if storage == "float32" and op == RELU:
+                    variants[f"flat_{direction}[{OP_NAMES[op]},{storage},int64]"] = (
+                        flat_kernel(direction, op, storage, width), arrays + (ct, types.int64))
+                    variants[f"flat_{direction}[{OP_NAMES[op]},{storage},unaligned]"] = (
+                        flat_kernel(direction, op, storage, 1), arrays + (ct, types.int32))
+        for op in (LEAKY, ELU):
+            variants[f"rows_forward[{OP_NAMES[op]},{storage}]"] = (
+                rows_kernel("forward", op, storage, COUNT | BIAS | WEIGHT, SUM_NONE),
+                (a2, a2, ct, types.int64, a1, a1, types.int64[::1]))
+            for sum_kind in (SUM_WEIGHT, SUM_GRAD):
+                variants[f"rows_backward[{OP_NAMES[op]},{storage},sum{sum_kind}]"] = (
+                    rows_kernel("backward", op, storage, WEIGHT, sum_kind),
+                    (a2, a2, a2, ct, types.int64, a1, types.Array(ct, 1, "C")))
+        if storage != "float32":
+            variants[f"cast[{storage}]"] = (cast_kernel(storage), (types.Array(ct, 1, "C"), a1))
+    return variants
+
+
+def compile_ptx_all(cc=(9, 0)):
+    """Every kernel_variants() kernel compiled to PTX for compute capability `cc` (no GPU
+    needed; the simulator does not type-check): {name: PTX text}."""
+    return {name: cuda.compile_ptx(kernel.py_func, argtypes, cc=cc)[0]
+            for name, (kernel, argtypes) in kernel_variants().items()}
