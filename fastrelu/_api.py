@@ -206,9 +206,6 @@ def _device_arrays(named):
         views.append(view)
     if dtype is None:
         raise TypeError("no CUDA array among the arguments")
-    if dtype.kind == "V":
-        raise TypeError("bfloat16 CUDA arrays are not supported yet: the GPU kernels compute "
-                        "float16, float32 and float64")
     check_device_arrays([(name, v) for (name, _), v in zip(named, views)])
     for i, (name, value) in enumerate(named):
         if views[i] is None:

@@ -4,16 +4,18 @@ Imported on the first CUDA array, never by ``import fastrelu``: importing numba'
 costs 0.3-0.5 s.  Arguments arrive validated by fastrelu._api; nothing here re-checks them.
 
 The contract is the CPU kernels' (_kernels.h), written once more in numba: every element is
-computed in float32 (float16 and float32 data) or float64, as exactly the same comparisons.  Two
-kernel shapes serve every op:
-  - flat: a grid-stride loop over all elements, every element taking the parameter p;
+computed in float32 (float16, bfloat16 and float32 data) or float64, as exactly the same
+comparisons; bfloat16 results are rounded to nearest even as on the CPU (NaN stays NaN).  Each
+kernel is specialised at compile time for its op, storage type and flags (so the op's branches
+fold away), from one definition per kernel shape:
+  - flat: every element takes the parameter p.  Each thread moves 16 bytes per load and store
+    (4 float32, 8 float16 or bfloat16, 2 float64), UNROLL loads in flight before it stores, in a
+    grid-stride loop whose index arithmetic is 32-bit when the array has fewer than 2^31 elements;
   - rows: the data seen as rows of `period` = C * inner columns, column j belonging to channel
     j // inner.  Each thread walks one column down many rows, so its channel is fixed: it gathers
-    counts (forward statistics) or sums (PReLU weight or bias gradients) in registers, adds them to
-    a per-channel array in shared memory, and the block adds that to global memory with one atomic
-    per channel.  Per-channel weights and biases are read once per thread.
-Each is made by a factory per compute type (float32 or float64); `op` and the flags are ordinary
-arguments, uniform across the grid.
+    counts (forward statistics) or sums (PReLU weight or bias gradients) in registers; a warp
+    then adds its lanes of one channel with shuffles, and the first lane of each channel adds
+    that to global memory with one atomic.
 """
 import contextlib
 import ctypes
@@ -23,17 +25,228 @@ import math
 import numba
 import numpy as np
 from numba import cuda
+from numba.cuda import types
 
-from ._cpu import BIAS, COPY, COUNT, ELU, LEAKY, RELU, SUM_GRAD, SUM_NONE, SUM_WEIGHT, WEIGHT
+from ._cpu import (BIAS, COPY, COUNT, ELU, ELU_FROM_Y, LEAKY, RELU, SUM_GRAD, SUM_NONE,
+                   SUM_WEIGHT, WEIGHT)
 from ._cuda_arrays import LIBRARIES, array_library as _kind, device_index
 
-SHARED_CHANNELS = 1024  # per-channel sums in shared memory up to this many channels
+SIMULATOR = bool(getattr(numba.config, "ENABLE_CUDASIM", 0))
 THREADS = 256
+VECTOR_BYTES = 16  # per load and store: the widest global access (LDG.E.128 / STG.E.128)
+UNROLL = 4  # vectors loaded per thread before any is stored: 64 bytes in flight per thread
+WARP = 32
+FULL_MASK = 0xFFFFFFFF
+# bfloat16 data travel as their uint16 bits (numba has no bfloat16 arrays)
+STORAGE = {"float16": types.float16, "float32": types.float32, "float64": types.float64,
+           "bfloat16": types.uint16}
+OP_NAMES = {RELU: "relu", LEAKY: "leaky_relu", ELU: "elu", COPY: "copy", ELU_FROM_Y: "elu_from_y"}
 
 
-def _kernels(CT):
-    """The kernels computing in CT (numba.float32 or numba.float64)."""
+# ---- primitives: LLVM IR on the GPU, their Python equivalents under the simulator --------------
+
+def _compiled_primitives():
+    """Vector loads and stores, index casts and bit casts as LLVM IR (numba has no vector
+    loads: indexing an array moves one element, with a negative-index fix-up)."""
+    from llvmlite import ir
+    from numba.cuda.core.errors import RequireLiteralValue
+    from numba.cuda.extending import intrinsic
+
+    def literal(t):
+        if not isinstance(t, types.IntegerLiteral):
+            raise RequireLiteralValue(t)
+        return t.literal_value
+
+    def vector_pointers(context, builder, sig, args, count, width):
+        """Global-memory pointers to `count` vectors of `width` elements of the 1-d array
+        args[0], at vector indices i + u * stride (in i's integer width: 32-bit indices stay
+        32-bit); with the vectors' type and size in bytes."""
+        aty, ity = sig.args[0], sig.args[1]
+        data = context.make_array(aty)(context, builder, args[0]).data
+        element = context.get_data_type(aty.dtype)
+        vector = ir.VectorType(element, width)
+        base = builder.addrspacecast(builder.bitcast(data, ir.PointerType(vector)),
+                                     ir.PointerType(vector, 1), "global")
+        i = args[1]
+        stride = context.cast(builder, args[2], sig.args[2], ity)
+        pointers = []
+        for u in range(count):
+            index = i if u == 0 else builder.add(
+                i, builder.mul(stride, ir.Constant(i.type, u), flags=["nsw"]), flags=["nsw"])
+            pointers.append(builder.gep(base, [index], inbounds=True))
+        return pointers, vector, element.get_abi_size(context.target_data) * width
+
+    i16, i32, i64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
+    # 16 bytes of 16-bit elements: NVVM splits <8 x half> into two 8-byte accesses, so they move
+    # as four 32-bit words through PTX's own 16-byte load and store
+    words_load = ir.InlineAsm(ir.FunctionType(ir.LiteralStructType([i32] * 4), [i64]),
+                              "ld.global.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l",
+                              side_effect=True)
+    words_store = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [i64] + [i32] * 4),
+                               "st.global.v4.b32 [$0], {$1, $2, $3, $4};", "l,r,r,r,r",
+                               side_effect=True)
+
+    def load_elements(builder, pointer, vector, size):
+        if size == 16 and vector.count == 8:
+            words = builder.call(words_load, [builder.ptrtoint(pointer, i64)])
+            elements = []
+            for k in range(8):
+                half = builder.lshr(builder.extract_value(words, k // 2),
+                                    ir.Constant(i32, 16 * (k % 2)))
+                elements.append(builder.bitcast(builder.trunc(half, i16), vector.element))
+            return elements
+        v = builder.load(pointer, align=size)
+        return [builder.extract_element(v, ir.Constant(i32, k)) for k in range(vector.count)]
+
+    def store_elements(builder, pointer, vector, size, elements):
+        if size == 16 and vector.count == 8:
+            bits = [builder.zext(builder.bitcast(e, i16), i32) for e in elements]
+            words = [builder.or_(bits[2 * q], builder.shl(bits[2 * q + 1], ir.Constant(i32, 16)))
+                     for q in range(4)]
+            builder.call(words_store, [builder.ptrtoint(pointer, i64)] + words)
+            return
+        v = ir.Constant(vector, ir.Undefined)
+        for k, e in enumerate(elements):
+            v = builder.insert_element(v, e, ir.Constant(i32, k))
+        builder.store(v, pointer, align=size)
+
+    def buffer_slots(context, builder, bty, buf, n):
+        data = context.make_array(bty)(context, builder, buf).data
+        return [builder.gep(data, [ir.Constant(i32, k)], inbounds=True) for k in range(n)]
+
+    @intrinsic
+    def load_vectors(typingctx, a, i, stride, buf, count, width):
+        """buf[u * width + k] = a[(i + u * stride) * width + k]: `count` loads, all issued
+        before buf is written."""
+        n, w = literal(count), literal(width)
+
+        def codegen(context, builder, sig, args):
+            pointers, vector, size = vector_pointers(context, builder, sig, args, n, w)
+            loaded = [load_elements(builder, p, vector, size) for p in pointers]
+            slots = buffer_slots(context, builder, sig.args[3], args[3], n * w)
+            for u, elements in enumerate(loaded):
+                for k, e in enumerate(elements):
+                    builder.store(e, slots[u * w + k])
+            return context.get_dummy_value()
+
+        return types.void(a, i, stride, buf, count, width), codegen
+
+    @intrinsic
+    def store_vectors(typingctx, a, i, stride, buf, count, width):
+        """a[(i + u * stride) * width + k] = buf[u * width + k]: `count` stores."""
+        n, w = literal(count), literal(width)
+
+        def codegen(context, builder, sig, args):
+            pointers, vector, size = vector_pointers(context, builder, sig, args, n, w)
+            slots = buffer_slots(context, builder, sig.args[3], args[3], n * w)
+            for u, p in enumerate(pointers):
+                store_elements(builder, p, vector, size,
+                               [builder.load(slots[u * w + k]) for k in range(w)])
+            return context.get_dummy_value()
+
+        return types.void(a, i, stride, buf, count, width), codegen
+
+    @intrinsic
+    def as_type_of(typingctx, like, value):
+        """`value` in like's type (numba widens integer arithmetic to 64 bits: this keeps 32-bit
+        indices and int32 counts 32-bit)."""
+        def codegen(context, builder, sig, args):
+            return context.cast(builder, args[1], sig.args[1], sig.args[0])
+
+        return like(like, value), codegen
+
+    @intrinsic
+    def float32_bits(typingctx, f):
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+
+        return types.uint32(types.float32), codegen
+
+    @intrinsic
+    def bits_float32(typingctx, u):
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(context.cast(builder, args[0], sig.args[0], types.uint32),
+                                   ir.FloatType())
+
+        return types.float32(u), codegen
+
+    @cuda.jit(device=True, inline=True)
+    def shfl_down(value, delta):
+        return cuda.shfl_down_sync(FULL_MASK, value, delta)
+
+    return load_vectors, store_vectors, as_type_of, float32_bits, bits_float32, shfl_down
+
+
+def _simulated_primitives():
+    """The same operations in Python for numba's simulator, which runs each CUDA thread as a
+    Python thread (and has no warp shuffles: lanes exchange values through shared memory)."""
+    def load_vectors(a, i, stride, buf, count, width):
+        for u in range(count):
+            for k in range(width):
+                buf[u * width + k] = a[(i + u * stride) * width + k]
+
+    def store_vectors(a, i, stride, buf, count, width):
+        for u in range(count):
+            for k in range(width):
+                a[(i + u * stride) * width + k] = buf[u * width + k]
+
+    def as_type_of(like, value):
+        return type(like)(value)
+
+    def float32_bits(f):
+        return np.float32(f).view(np.uint32)
+
+    def bits_float32(u):
+        return np.uint32(u).view(np.float32)
+
+    def shfl_down(value, delta):
+        # every thread of the block calls this, as every lane of a warp calls shfl_down_sync
+        lanes = cuda.shared.array(THREADS, types.float64)
+        t = cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+        lanes[t] = value
+        cuda.syncthreads()
+        inside = t % WARP + delta < WARP and t + delta < cuda.blockDim.x * cuda.blockDim.y
+        other = lanes[t + delta] if inside else value
+        cuda.syncthreads()
+        return type(value)(other)
+
+    return load_vectors, store_vectors, as_type_of, float32_bits, bits_float32, shfl_down
+
+
+load_vectors, store_vectors, as_type_of, float32_bits, bits_float32, shfl_down = \
+    _simulated_primitives() if SIMULATOR else _compiled_primitives()
+
+
+# ---- element functions --------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _elements(storage):
+    """(CT, to_ct, from_ct, y_of, dx_of) for data stored as `storage` (a STORAGE key): the
+    compute type, the conversions, and the ops' element functions in CT."""
+    T = STORAGE[storage]
+    CT = types.float64 if storage == "float64" else types.float32
     zero = CT(0)
+
+    if storage == "bfloat16":
+        @cuda.jit(device=True, inline=True)
+        def to_ct(v):
+            return bits_float32(types.uint32(v) << 16)
+
+        @cuda.jit(device=True, inline=True)
+        def from_ct(f):
+            # round to nearest even; a NaN keeps its sign and payload's top bits, made quiet
+            u = float32_bits(f)
+            if u & 0x7FFFFFFF > 0x7F800000:
+                return types.uint16((u >> 16) | 0x40)
+            return types.uint16((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+    else:
+        @cuda.jit(device=True, inline=True)
+        def to_ct(v):
+            return CT(v)
+
+        @cuda.jit(device=True, inline=True)
+        def from_ct(f):
+            return T(f)
 
     @cuda.jit(device=True, inline=True)
     def y_of(op, v, p):
@@ -57,158 +270,226 @@ def _kernels(CT):
             return g
         return g * (v + p) if v <= 0 else g  # ELU_FROM_Y: v is the output
 
-    @cuda.jit(cache=True)
-    def forward_flat(op, x, y, p):
-        for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
-            y[i] = y_of(op, CT(x[i]), p)
+    return T, CT, to_ct, from_ct, y_of, dx_of
 
-    @cuda.jit(cache=True)
-    def backward_flat(op, g, x, dx, p):
-        for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
-            dx[i] = dx_of(op, CT(x[i]), CT(g[i]), p)
 
-    @cuda.jit(device=True, inline=True)
-    def add_per_channel(local, c, channel_sums, shared, use_shared):
-        """The block's per-channel reduction: shared atomics, then one global atomic per
-        channel (or global atomics directly when there are too many channels)."""
-        if use_shared:
-            if local != 0:
-                cuda.atomic.add(shared, c, local)
-        elif local != 0:
-            cuda.atomic.add(channel_sums, c, local)
+# ---- flat kernels -------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def flat_kernel(direction, op, storage, width):
+    """The flat kernel of `direction` ("forward": (x, y, p, n); "backward": (g, x, dx, p, n)) for
+    one op and storage type, moving `width` elements per access: 16 bytes' worth when every
+    array is 16-byte aligned, else 1.  `n` (int32 below 2^31 elements, else int64) sets the
+    index arithmetic's width.  Compiled per signature on first launch (cached on disk)."""
+    T, CT, to_ct, from_ct, y_of, dx_of = _elements(storage)
+    W, U = width, UNROLL
+    chunk = U * W
+    backward = direction == "backward"
 
     @cuda.jit(device=True, inline=True)
-    def start_shared(shared, C, use_shared):
-        if use_shared:
-            t = cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x
-            for c in range(t, C, cuda.blockDim.x * cuda.blockDim.y):
-                shared[c] = 0
-        cuda.syncthreads()
+    def compute(xs, gs, ys, count, p):
+        for k in range(count):
+            if backward:
+                ys[k] = from_ct(dx_of(op, to_ct(xs[k]), to_ct(gs[k]), p))
+            else:
+                ys[k] = from_ct(y_of(op, to_ct(xs[k]), p))
 
     @cuda.jit(device=True, inline=True)
-    def flush_shared(shared, C, channel_sums, use_shared):
-        cuda.syncthreads()
-        if use_shared:
-            t = cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x
-            for c in range(t, C, cuda.blockDim.x * cuda.blockDim.y):
-                if shared[c] != 0:
-                    cuda.atomic.add(channel_sums, c, shared[c])
+    def run(g, x, y, p, n):
+        xs = cuda.local.array(chunk, T)
+        gs = cuda.local.array(chunk, T)
+        ys = cuda.local.array(chunk, T)
+        t = as_type_of(n, cuda.grid(1))
+        stride = as_type_of(n, cuda.gridsize(1))
+        vectors = as_type_of(n, n // W)
+        # main loop: U whole vectors per thread and step, a warp's accesses contiguous
+        step = as_type_of(n, stride * U)
+        main_end = as_type_of(n, vectors - vectors % step)
+        for i in range(t, main_end, step):
+            load_vectors(x, i, stride, xs, U, W)
+            if backward:
+                load_vectors(g, i, stride, gs, U, W)
+            compute(xs, gs, ys, chunk, p)
+            store_vectors(y, i, stride, ys, U, W)
+        for i in range(as_type_of(n, main_end + t), vectors, stride):  # the last vectors
+            load_vectors(x, i, stride, xs, 1, W)
+            if backward:
+                load_vectors(g, i, stride, gs, 1, W)
+            compute(xs, gs, ys, W, p)
+            store_vectors(y, i, stride, ys, 1, W)
+        for i in range(as_type_of(n, vectors * W + t), n, stride):  # the last elements
+            load_vectors(x, i, stride, xs, 1, 1)
+            if backward:
+                load_vectors(g, i, stride, gs, 1, 1)
+            compute(xs, gs, ys, 1, p)
+            store_vectors(y, i, stride, ys, 1, 1)
 
-    @cuda.jit(cache=True)
-    def forward_rows(op, x, y, p, inner, C, pw, pb, counts, flags):
-        """x, y: (rows, period); pw, pb: C parameters / biases (x's dtype) when flags say so;
-        counts: C int64 positives of x (+ b) when flags & COUNT."""
-        shared = cuda.shared.array(SHARED_CHANNELS, numba.int64)
-        use_shared = C <= SHARED_CHANNELS and flags & COUNT
-        start_shared(shared, C, use_shared)
-        j = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-        if j < x.shape[1]:
+    if backward:
+        def kernel(g, x, dx, p, n):
+            run(g, x, dx, p, n)
+    else:
+        def kernel(x, y, p, n):
+            run(x, x, y, p, n)
+    return cuda.jit(cache=True)(kernel)
+
+
+# ---- rows kernels -------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def rows_kernel(direction, op, storage, flags, sum_kind):
+    """The rows kernel of `direction` for one op, storage type and flags (COUNT, BIAS, WEIGHT) or
+    sum_kind: "forward": (x, y, p, inner, pw, pb, counts); "backward": (g, x, dx, p, inner, pw,
+    sums), on (rows, period) arrays; pw and pb hold C weights (or one, shared) and biases, counts
+    C int64 positives of x (+ b), sums C accumulators (CT) of the weight gradient
+    (x > 0 ? 0 : x*g) or of dx, per sum_kind.  Arguments the flags leave unused are placeholders."""
+    T, CT, to_ct, from_ct, y_of, dx_of = _elements(storage)
+    zero = CT(0)
+
+    @cuda.jit(device=True, inline=True)
+    def add_per_channel(total, j, c, inner, sums):
+        """sums[c] += total over the grid.  A warp's lanes hold consecutive columns j, so its
+        lanes of one channel are consecutive: shuffles fold each channel's totals into its first
+        lane (a lane adds its neighbour `delta` lanes on while that one is in its channel), which
+        adds the warp's share with one atomic.  Every lane of the block calls this."""
+        lane = cuda.threadIdx.x % WARP
+        channel_end = (c + 1) * inner
+        for delta in (1, 2, 4, 8, 16):
+            other = shfl_down(total, delta)
+            if lane + delta < WARP and j + delta < channel_end:
+                total = as_type_of(total, total + other)
+        if (lane == 0 or j % inner == 0) and total != 0:
+            cuda.atomic.add(sums, c, total)
+
+    @cuda.jit(device=True, inline=True)
+    def column_parameters(c, pw, pb, p):
+        pj = to_ct(pw[c % pw.size]) if flags & WEIGHT else p  # pw.size is C, or 1 when shared
+        bj = to_ct(pb[c]) if flags & BIAS else zero
+        return pj, bj
+
+    if direction == "forward":
+        def kernel(x, y, p, inner, pw, pb, counts):
+            j = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
             c = j // inner
-            pj = CT(pw[c % pw.size]) if flags & WEIGHT else p  # pw.size is C, or 1 when shared
-            bj = CT(pb[c]) if flags & BIAS else zero
             positive = 0
-            for r in range(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, x.shape[0],
-                           cuda.gridDim.y * cuda.blockDim.y):
-                v = CT(x[r, j])
-                if flags & BIAS:
-                    v = v + bj
-                y[r, j] = y_of(op, v, pj)
-                if v > 0:
-                    positive += 1
+            if j < x.shape[1]:
+                pj, bj = column_parameters(c, pw, pb, p)
+                for r in range(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, x.shape[0],
+                               cuda.gridDim.y * cuda.blockDim.y):
+                    v = to_ct(x[r, j])
+                    if flags & BIAS:
+                        v = v + bj
+                    y[r, j] = from_ct(y_of(op, v, pj))
+                    if flags & COUNT and v > 0:
+                        positive += 1
             if flags & COUNT:
-                add_per_channel(positive, c, counts, shared, use_shared)
-        flush_shared(shared, C, counts, use_shared)
-
-    @cuda.jit(cache=True)
-    def backward_rows(op, g, x, dx, p, inner, C, pw, sums, flags, sum_kind):
-        """g, x, dx: (rows, period); sums: C accumulators (CT) of the weight gradient
-        (x > 0 ? 0 : x*g) or of dx, per sum_kind."""
-        shared = cuda.shared.array(SHARED_CHANNELS, CT)
-        use_shared = C <= SHARED_CHANNELS and sum_kind != SUM_NONE
-        start_shared(shared, C, use_shared)
-        j = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-        if j < x.shape[1]:
+                add_per_channel(types.int32(positive), j, c, inner, counts)
+    else:
+        def kernel(g, x, dx, p, inner, pw, sums):
+            j = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
             c = j // inner
-            pj = CT(pw[c % pw.size]) if flags & WEIGHT else p
             local = zero
-            for r in range(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, x.shape[0],
-                           cuda.gridDim.y * cuda.blockDim.y):
-                v = CT(x[r, j])
-                gv = CT(g[r, j])
-                d = dx_of(op, v, gv, pj)
-                dx[r, j] = d
-                if sum_kind == SUM_WEIGHT and not v > 0:
-                    local += v * gv
-                elif sum_kind == SUM_GRAD:
-                    local += d
+            if j < x.shape[1]:
+                pj, _ = column_parameters(c, pw, pw, p)
+                for r in range(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, x.shape[0],
+                               cuda.gridDim.y * cuda.blockDim.y):
+                    v = to_ct(x[r, j])
+                    gv = to_ct(g[r, j])
+                    d = dx_of(op, v, gv, pj)
+                    dx[r, j] = from_ct(d)
+                    if sum_kind == SUM_WEIGHT and not v > 0:
+                        local += v * gv
+                    elif sum_kind == SUM_GRAD:
+                        local += d
             if sum_kind != SUM_NONE:
-                add_per_channel(local, c, sums, shared, use_shared)
-        flush_shared(shared, C, sums, use_shared)
-
-    return {"forward_flat": forward_flat, "backward_flat": backward_flat,
-            "forward_rows": forward_rows, "backward_rows": backward_rows}
+                add_per_channel(local, j, c, inner, sums)
+    return cuda.jit(cache=True)(kernel)
 
 
-@cuda.jit(cache=True)
-def cast(src, dst):
-    """dst[:] = src[:] converted (accumulated sums to the result's dtype)."""
-    for i in range(cuda.grid(1), src.size, cuda.gridsize(1)):
-        dst[i] = src[i]
+@functools.lru_cache(maxsize=None)
+def cast_kernel(storage):
+    """dst[:] = src[:] (CT accumulators) rounded to `storage`: float16 and bfloat16 parameter
+    gradients of numba arrays (PyTorch and CuPy convert with their own copies)."""
+    _, _, _, from_ct, _, _ = _elements(storage)
+
+    def cast(src, dst):
+        for i in range(cuda.grid(1), src.size, cuda.gridsize(1)):
+            dst[i] = from_ct(src[i])
+
+    return cuda.jit(cache=True)(cast)
 
 
-@cuda.jit(cache=True)
-def fill_zero(a):
-    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
-        a[i] = 0
+# ---- launching ----------------------------------------------------------------------------------
 
-
-KERNELS = {np.dtype(np.float32): _kernels(numba.float32),
-           np.dtype(np.float64): _kernels(numba.float64)}
+def _storage(dtype):
+    """The STORAGE key of NumPy dtype `dtype`."""
+    return "bfloat16" if dtype.kind == "V" else dtype.name
 
 
 def _compute_dtype(dtype):
-    """float16 and float32 data are computed in float32, float64 in float64."""
+    """float16, bfloat16 and float32 data are computed in float32, float64 in float64."""
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
-def _for(dtype):
-    """The kernels for data of `dtype`."""
-    return KERNELS[_compute_dtype(dtype)]
+@functools.lru_cache(maxsize=None)
+def _compiled(kernel, argtypes):
+    """`kernel` compiled for `argtypes`, once per process (numba's disk cache makes that a load
+    after the first): launching it directly skips the dispatcher's per-call argument typing and
+    launch configuration, and its low-occupancy warnings (our small grids are small by design)."""
+    return kernel if SIMULATOR else kernel.compile(argtypes)
 
 
-# ---- launch configuration -----------------------------------------------------------------------
+def _launch(kernel, argtypes, grid, block, s, args):
+    if SIMULATOR:
+        kernel[grid, block, s](*args)
+    else:
+        _compiled(kernel, argtypes).launch(args, grid, block, s)
+
 
 @functools.lru_cache(maxsize=None)
-def _device_blocks(device_id):
-    """Blocks that fill the device (cached per device): 8 blocks of 256 threads per
-    multiprocessor, 2048 threads, the most one can hold, to keep memory requests in flight."""
-    try:
-        sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
-    except Exception:  # the simulator
-        sms = 1
-    return 8 * sms
+def _resident_blocks(kernel, argtypes, threads, device_id):
+    """Blocks of `threads` threads the device holds at once running `kernel` (its registers and
+    shared memory decide): the grid that fills every multiprocessor, cached per device.  The
+    simulator stands for one multiprocessor holding 8."""
+    if SIMULATOR:
+        return 8
+    return max(1, _compiled(kernel, argtypes).max_cooperative_grid_blocks(threads))
 
 
-def _flat_launch(n):
-    blocks = max(1, min(_device_blocks(_device_id()), -(-n // THREADS)))
-    return blocks, THREADS
+def _array_type(storage, ndim):
+    return types.Array(STORAGE[storage], ndim, "C")
 
 
-def _rows_launch(rows, period):
-    bx = 32
+def _launch_flat(direction, op, storage, arrays, p, n, device_id, s):
+    """One flat kernel over n elements of the 1-d numba arrays (x, y) or (g, x, dx)."""
+    aligned = all(_address(a) % VECTOR_BYTES == 0 for a in arrays)
+    width = VECTOR_BYTES // np.dtype(STORAGE[storage].name).itemsize if aligned else 1
+    kernel = flat_kernel(direction, op, storage, width)
+    index = types.int32 if n < 2 ** 31 else types.int64
+    ct = types.float64 if storage == "float64" else types.float32
+    argtypes = (_array_type(storage, 1),) * len(arrays) + (ct, index)
+    per_block = THREADS * width * UNROLL
+    blocks = min(_resident_blocks(kernel, argtypes, THREADS, device_id), -(-n // per_block))
+    _launch(kernel, argtypes, (blocks, 1, 1), (THREADS, 1, 1), s,
+            (*arrays, ct(p), np.dtype(index.name).type(n)))
+
+
+def _launch_rows(kernel, argtypes, rows, period, device_id, s, args):
+    """A rows kernel over (rows, period) data: warps along the columns, as many rows per block
+    as fit in THREADS threads, and enough blocks down the rows to fill the device, or to keep
+    each thread's int32 count below 2^31 (2^26 rows, summed over a warp's 32 lanes)."""
+    bx = WARP
     while bx < min(period, THREADS):
         bx *= 2
     by = THREADS // bx
     gx = -(-period // bx)
-    gy = max(1, min(-(-rows // by), max(1, _device_blocks(_device_id()) // gx)))
-    return (gx, gy), (bx, by)
+    fill = max(1, _resident_blocks(kernel, argtypes, THREADS, device_id) // gx)
+    gy = max(1, min(-(-rows // by), fill), -(-rows // (by << 26)))
+    _launch(kernel, argtypes, (gx, gy, 1), (bx, by, 1), s, args)
 
 
-def _device_id():
-    try:
-        return cuda.get_current_device().id
-    except Exception:
-        return 0
+def _address(a):
+    """The device address of a numba array's first element (the simulator's: its host memory)."""
+    return a._ary.ctypes.data if SIMULATOR else a.__cuda_array_interface__["data"][0]
 
 
 # ---- arrays, streams, devices -------------------------------------------------------------------
@@ -224,6 +505,12 @@ def _adopt(*arrays):
             not isinstance(a, np.ndarray) else a for a in arrays]
 
 
+def _torch_dtype(dtype):
+    import torch
+
+    return torch.bfloat16 if dtype.kind == "V" else getattr(torch, dtype.name)
+
+
 def _empty(like, shape, dtype):
     """A new C-contiguous array of `dtype` (NumPy) from like's library, on its device: CuPy and
     PyTorch arrays give their own kind; numba and other producers give numba arrays."""
@@ -235,16 +522,42 @@ def _empty(like, shape, dtype):
     if kind == "torch":
         import torch
 
-        return torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name), device=like.device)
+        return torch.empty(shape, dtype=_torch_dtype(dtype), device=like.device)
     return cuda.device_array(shape, dtype)
 
 
-def _scratch(like, n, dtype, s):
-    """A 1-d temporary: from like's library's pool (ordered on its current stream, which is the
-    launch stream), else from numba."""
-    if _kind(like) in LIBRARIES:
-        return _flat(_empty(like, (n,), dtype))
-    return cuda.device_array(n, dtype, stream=s)
+def _zeros(like, shape, dtype, s):
+    """A new zeroed C-contiguous array like _empty's, zeroed by the library's own memset on the
+    launch stream (the current stream of CuPy and PyTorch during the call)."""
+    kind = _kind(like)
+    if kind == "cupy":
+        import cupy
+
+        return cupy.zeros(shape, dtype)
+    if kind == "torch":
+        import torch
+
+        return torch.zeros(shape, dtype=_torch_dtype(dtype), device=like.device)
+    if SIMULATOR:
+        return cuda.to_device(np.zeros(shape, dtype))
+    a = cuda.device_array(shape, dtype, stream=s)
+    _zero(a, s)
+    return a
+
+
+def _zero(a, s):
+    """Zeroes a contiguous array in place with its library's memset."""
+    kind = _kind(a)
+    if kind == "torch":
+        a.zero_()
+    elif kind == "cupy":
+        a.fill(0)
+    elif SIMULATOR:
+        a._ary[...] = 0
+    else:
+        from numba.cuda.cudadrv.driver import device_memset
+
+        device_memset(a, 0, a.nbytes, stream=s)
 
 
 def _contiguous(a):
@@ -284,24 +597,31 @@ def _transpose(a):
     return a.T
 
 
-def _numba_view(a, shape):
-    """A numba array of `shape` over the memory of C-contiguous `a`: for CuPy and PyTorch arrays
-    made from their interface in one step (no reshape, no stream of its own, no synchronize)."""
-    if _kind(a) not in LIBRARIES:
-        return a.reshape(shape)
+def _numba_view(a, shape, storage):
+    """A numba array of `shape` and `storage` over the memory of C-contiguous `a`, made in one
+    step (no reshape, no stream of its own, no synchronize): bfloat16 data as their uint16 bits."""
+    if _kind(a) == "torch" and storage == "bfloat16":  # PyTorch exports no bfloat16 interface
+        import torch
+
+        a = a.view(torch.int16)
+    if SIMULATOR and not hasattr(a, "__cuda_array_interface__"):
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        host = a._ary.reshape(shape)
+        return FakeCUDAArray(host.view(np.uint16) if storage == "bfloat16" else host)
     interface = a.__cuda_array_interface__
     return cuda.from_cuda_array_interface(
-        {"shape": shape, "typestr": interface["typestr"], "data": interface["data"],
-         "version": 2}, owner=a, sync=False)
+        {"shape": shape, "typestr": "<u2" if storage == "bfloat16" else interface["typestr"],
+         "data": interface["data"], "version": 2}, owner=a, sync=False)
 
 
-def _flat(a):
-    return _numba_view(a, (math.prod(a.shape),))
+def _flat(a, storage):
+    return _numba_view(a, (math.prod(a.shape),), storage)
 
 
-def _rows(a, period):
+def _rows(a, period, storage):
     n = math.prod(a.shape)
-    return _numba_view(a, (n // period if period else 0, period))
+    return _numba_view(a, (n // period if period else 0, period), storage)
 
 
 def _copy_into(out, src):
@@ -317,21 +637,16 @@ def _unused_on(device_id, dtype):
     return cuda.to_device(np.zeros(1, dtype))
 
 
-def _unused(dtype):
-    """A one-element placeholder for a per-channel array a kernel's flags say it does not read
-    (made once per device and dtype, so calls upload nothing)."""
-    return _unused_on(_device_id(), np.dtype(dtype))
-
-
-def _params(values, dtype, s):
-    """Per-channel weights or biases as a contiguous 1-d numba array of the data's dtype (the
+def _params(values, storage, device_id, s):
+    """Per-channel weights or biases as a contiguous 1-d numba array of the data's storage (the
     kernels convert them): a view of a CUDA array, an upload of the NumPy array validation made
-    of Python values, or a placeholder when there are none."""
+    of Python values, or a placeholder when there are none (made once per device)."""
     if values is None:
-        return _unused(dtype)
+        return _unused_on(device_id, np.dtype(STORAGE[storage].name))
     if isinstance(values, np.ndarray):
-        return cuda.to_device(values.reshape(-1), stream=s)
-    return _flat(_contiguous(values))
+        host = values.reshape(-1)
+        return cuda.to_device(host.view(np.uint16) if storage == "bfloat16" else host, stream=s)
+    return _flat(_contiguous(values), storage)
 
 
 def _stream_handle(stream):
@@ -345,7 +660,10 @@ def _stream_handle(stream):
     return int(getattr(stream, "cuda_stream", getattr(stream, "ptr", stream)))
 
 
-def _external_stream(handle):
+@functools.lru_cache(maxsize=None)
+def _external_stream(device_id, handle):
+    """The numba stream object for a cudaStream_t on a device, made once: a new object per call
+    would miss numba's per-stream caches."""
     if handle in (0, 1):  # the legacy default stream (1 in __cuda_array_interface__)
         return cuda.legacy_default_stream()
     if handle == 2:
@@ -353,25 +671,25 @@ def _external_stream(handle):
     return cuda.external_stream(handle)
 
 
-def launch_stream(a, stream=None):
+def launch_stream(a, stream, device_id):
     """The numba stream to launch on: `stream` when given; else where a's library runs its own
     kernels (PyTorch's or CuPy's current stream); else the stream a's __cuda_array_interface__
     names; else the default stream."""
     if stream is not None:
         return stream if type(stream).__module__.startswith("numba") \
-            else _external_stream(_stream_handle(stream))
+            else _external_stream(device_id, _stream_handle(stream))
     kind = _kind(a)
     if kind == "torch":
         import torch
 
-        return _external_stream(torch.cuda.current_stream(a.device).cuda_stream)
+        return _external_stream(device_id, torch.cuda.current_stream(a.device).cuda_stream)
     if kind == "cupy":
         import cupy
 
-        return _external_stream(cupy.cuda.get_current_stream().ptr)
+        return _external_stream(device_id, cupy.cuda.get_current_stream().ptr)
     interface = getattr(a, "__cuda_array_interface__", None)
     handle = interface.get("stream") if interface else None
-    return _external_stream(handle) if handle else cuda.default_stream()
+    return _external_stream(device_id, handle or 0)
 
 
 def _library_stream(a, s):
@@ -402,15 +720,21 @@ def _gpu_count():
 
 @contextlib.contextmanager
 def _launching(a, stream):
-    """One call's scope; yields the stream to launch on.  On machines with several GPUs, the GPU
-    holding `a` is made numba's (and CuPy's) current one, where they launch and allocate; a given
+    """One call's scope; yields (the stream to launch on, the device id).  With one GPU that is
+    device 0 with no lookup; with several, the GPU holding `a` (numba's current one for numba
+    arrays) is made numba's (and CuPy's) current one, where they launch and allocate; a given
     `stream` is made the current stream of a's library."""
-    index = device_index(a) if _gpu_count() > 1 else None
-    with cuda.gpus[index] if index is not None else contextlib.nullcontext(), \
-            a.device if index is not None and _kind(a) == "cupy" else contextlib.nullcontext():
-        s = launch_stream(a, stream)
+    if _gpu_count() == 1:
+        device_id, switch = 0, contextlib.nullcontext()
+    else:
+        index = device_index(a)
+        device_id = index if index is not None else cuda.get_current_device().id
+        switch = cuda.gpus[device_id]
+    with switch, a.device if _gpu_count() > 1 and _kind(a) == "cupy" else \
+            contextlib.nullcontext():
+        s = launch_stream(a, stream, device_id)
         with _library_stream(a, s) if stream is not None else contextlib.nullcontext():
-            yield s
+            yield s, device_id
 
 
 # ---- the ops ------------------------------------------------------------------------------------
@@ -432,7 +756,8 @@ def forward(op, x, out, p, weight, axis, want_counts, bias, dtype, stream=None):
     """Like fastrelu._cpu.forward, on CUDA arrays of NumPy dtype `dtype`: returns (y, counts or
     None); counts come back as an int64 NumPy array (reading them waits for this stream only)."""
     result_out = out
-    with _launching(x, stream) as s:
+    storage, ct = _storage(dtype), _compute_dtype(dtype)
+    with _launching(x, stream) as (s, device_id):
         x, out, weight, bias = _adopt(x, out, weight, bias)
         transposed = x.ndim > 1 and _all_f_ordered(x, out)
         if transposed:
@@ -441,27 +766,29 @@ def forward(op, x, out, p, weight, axis, want_counts, bias, dtype, stream=None):
         xc = _contiguous(x)
         y = out if out is not None and is_c_contiguous(out) else \
             _empty(xc, tuple(xc.shape), dtype)
-        k, ct = _for(dtype), _compute_dtype(dtype)
         n = math.prod(xc.shape)
         counts = None
         if n and axis is None and weight is None and bias is None and not want_counts:
-            blocks, threads = _flat_launch(n)
-            k["forward_flat"][blocks, threads, s](op, _flat(xc), _flat(y), ct.type(p))
+            _launch_flat("forward", op, storage, (_flat(xc, storage), _flat(y, storage)), p, n,
+                         device_id, s)
         elif n or want_counts:
             C, inner = _layout(tuple(xc.shape), axis) if axis is not None else (1, n)
-            pw, pb = _params(weight, dtype, s), _params(bias, dtype, s)
+            pw = _params(weight, storage, device_id, s)
+            pb = _params(bias, storage, device_id, s)
             flags = (COUNT if want_counts else 0) | (BIAS if bias is not None else 0) | \
                 (WEIGHT if weight is not None else 0)
-            if want_counts:
-                dcounts = _scratch(xc, max(C, 1), np.int64, s)
-                _fill_zero(dcounts, s)
-            else:
-                dcounts = _unused(np.int64)
+            dcounts = _flat(_zeros(xc, (max(C, 1),), np.int64, s), "int64") if want_counts \
+                else _unused_on(device_id, np.dtype(np.int64))
             period = C * inner
             if n:
-                grid, block = _rows_launch(n // period, period)
-                k["forward_rows"][grid, block, s](op, _rows(xc, period), _rows(y, period),
-                                                  ct.type(p), inner, C, pw, pb, dcounts, flags)
+                kernel = rows_kernel("forward", op, storage, flags, SUM_NONE)
+                a2 = _array_type(storage, 2)
+                argtypes = (a2, a2, types.float64 if ct == np.float64 else types.float32,
+                            types.int64, _array_type(storage, 1), _array_type(storage, 1),
+                            types.int64[::1])
+                _launch_rows(kernel, argtypes, n // period, period, device_id, s,
+                             (_rows(xc, period, storage), _rows(y, period, storage), ct.type(p),
+                              inner, pw, pb, dcounts))
             if want_counts:
                 counts = dcounts.copy_to_host(stream=s)[:C]
                 s.synchronize()  # this stream only: the counts are read on the host
@@ -480,7 +807,8 @@ def backward(op, grad, x, out, p, weight, axis, param_out, param_shape, sum_kind
     (the weight, or grad), which the kernel reads while it sums, so the sums go to a scratch
     accumulator first."""
     result_out = out
-    with _launching(x, stream) as s:
+    storage, ct = _storage(dtype), _compute_dtype(dtype)
+    with _launching(x, stream) as (s, device_id):
         grad, x, out, weight, param_out = _adopt(grad, x, out, weight, param_out)
         transposed = x.ndim > 1 and _all_f_ordered(x, grad, out)
         if transposed:
@@ -490,57 +818,69 @@ def backward(op, grad, x, out, p, weight, axis, param_out, param_shape, sum_kind
         xc, gc = _contiguous(x), _contiguous(grad)
         dx = out if out is not None and is_c_contiguous(out) else \
             _empty(xc, tuple(xc.shape), dtype)
-        k, ct = _for(dtype), _compute_dtype(dtype)
         n = math.prod(xc.shape)
         param = None
         if param_shape is None and axis is None and weight is None:
             if n:
-                blocks, threads = _flat_launch(n)
-                k["backward_flat"][blocks, threads, s](op, _flat(gc), _flat(xc), _flat(dx),
-                                                       ct.type(p))
+                _launch_flat("backward", op, storage,
+                             (_flat(gc, storage), _flat(xc, storage), _flat(dx, storage)), p, n,
+                             device_id, s)
         else:
             C, inner = _layout(tuple(xc.shape), axis) if axis is not None else (1, n)
-            pw = _params(weight, dtype, s)
+            pw = _params(weight, storage, device_id, s)
             if param_shape is None:
-                sum_kind, sums = SUM_NONE, _unused(ct)
+                sum_kind, sums = SUM_NONE, _unused_on(device_id, ct)
             else:
                 param = param_out if param_out is not None else _empty(xc, param_shape, dtype)
                 # float32/float64 results are the accumulators themselves, unless the kernel
                 # still reads them as an input (they are zeroed first)
                 direct = dtype == ct and is_c_contiguous(param) and not param_out_aliases_input
-                sums = _flat(param) if direct else _scratch(xc, C, ct, s)
-                _fill_zero(sums, s)
+                if direct:
+                    _zero(param, s)
+                    sums = _flat(param, storage)
+                else:
+                    accumulators = _zeros(xc, (C,), ct, s)
+                    sums = _flat(accumulators, ct.name)
             period = C * inner
             if n:
-                grid, block = _rows_launch(n // period, period)
-                k["backward_rows"][grid, block, s](op, _rows(gc, period), _rows(xc, period),
-                                                   _rows(dx, period), ct.type(p), inner, C, pw,
-                                                   sums, WEIGHT if weight is not None else 0,
-                                                   sum_kind)
+                kernel = rows_kernel("backward", op, storage, WEIGHT if weight is not None else 0,
+                                     sum_kind)
+                a2, ctype = _array_type(storage, 2), types.float64 if ct == np.float64 \
+                    else types.float32
+                argtypes = (a2, a2, a2, ctype, types.int64, _array_type(storage, 1),
+                            types.Array(ctype, 1, "C"))
+                _launch_rows(kernel, argtypes, n // period, period, device_id, s,
+                             (_rows(gc, period, storage), _rows(xc, period, storage),
+                              _rows(dx, period, storage), ct.type(p), inner, pw, sums))
             if param is not None and not direct:
-                target = param if is_c_contiguous(param) else _empty(xc, param_shape, dtype)
-                blocks, threads = _flat_launch(C)
-                cast[blocks, threads, s](sums, _flat(target))
-                if target is not param:
-                    _copy_into(param, target)
+                _store_sums(accumulators, sums, param, param_shape, storage, device_id, s)
         if out is not None and dx is not out:
             _copy_into(out, dx)
         return result_out if result_out is not None else \
             (_transpose(dx) if transposed else dx), param
 
 
-def _fill_zero(a, s):
-    blocks, threads = _flat_launch(a.size)
-    fill_zero[blocks, threads, s](a)
+def _store_sums(accumulators, sums, param, param_shape, storage, device_id, s):
+    """param[...] = the CT `accumulators` (`sums` is their numba view), rounded to param's
+    dtype: by PyTorch's and CuPy's own copies, for numba arrays by cast_kernel."""
+    if _kind(param) in LIBRARIES:
+        _copy_into(param, accumulators.reshape(param_shape))
+        return
+    kernel = cast_kernel(storage)
+    ctype = types.float64 if storage == "float64" else types.float32
+    argtypes = (types.Array(ctype, 1, "C"), _array_type(storage, 1))
+    blocks = max(1, min(_resident_blocks(kernel, argtypes, THREADS, device_id),
+                        -(-sums.size // THREADS)))
+    _launch(kernel, argtypes, (blocks, 1, 1), (THREADS, 1, 1), s, (sums, _flat(param, storage)))
 
 
 def copy(src, dst):
     """dst[...] = src through the flat kernel: the GPU benchmarks' roofline."""
     dtype = np.dtype(str(_as_numba(src).dtype))
-    with _launching(src, None) as s:
-        blocks, threads = _flat_launch(math.prod(src.shape))
-        _for(dtype)["forward_flat"][blocks, threads, s](
-            COPY, _flat(src), _flat(dst), _compute_dtype(dtype).type(0))
+    storage = _storage(dtype)
+    with _launching(src, None) as (s, device_id):
+        _launch_flat("forward", COPY, storage, (_flat(src, storage), _flat(dst, storage)), 0.0,
+                     math.prod(src.shape), device_id, s)
 
 
 def state():
@@ -548,37 +888,47 @@ def state():
     if cuda.is_available():
         device = cuda.get_current_device()
         name = device.name.decode() if isinstance(device.name, bytes) else device.name
-        simulated = bool(getattr(numba.config, "ENABLE_CUDASIM", 0))
-        return {"available": True, "loaded": True, "device": name,
-                "simulator": simulated, "numba": numba.__version__}
+        return {"available": True, "loaded": True, "device": name, "simulator": SIMULATOR,
+                "numba": numba.__version__}
     return {"available": False, "loaded": True, "numba": numba.__version__,
             "reason": "numba finds no CUDA GPU (driver or device missing)"}
 
 
-def compile_ptx_all(cc=(9, 0)):
-    """Compiles every kernel, for every dtype, with the argument types calls give them, to PTX
-    (no GPU needed): the CI check that the kernels type-check, which the simulator does not do.
-    Returns {name: PTX size}."""
-    from numba.core import types
+def kernel_variants():
+    """{name: (kernel, argument types)}: every flat kernel (each op, direction and storage, with
+    16-byte accesses and 32-bit indices, plus float32's 64-bit-index and unaligned ones), the
+    rows kernels with every flag on, and the casts: what CI compiles for a Hopper GPU."""
+    variants = {}
+    for storage in STORAGE:
+        ct = types.float64 if storage == "float64" else types.float32
+        a1, a2 = _array_type(storage, 1), _array_type(storage, 2)
+        width = VECTOR_BYTES // np.dtype(STORAGE[storage].name).itemsize
+        for direction, ops in (("forward", (RELU, LEAKY, ELU, COPY)),
+                               ("backward", (RELU, LEAKY, ELU, ELU_FROM_Y))):
+            arrays = (a1,) * (2 if direction == "forward" else 3)
+            for op in ops:
+                variants[f"flat_{direction}[{OP_NAMES[op]},{storage}]"] = (
+                    flat_kernel(direction, op, storage, width), arrays + (ct, types.int32))
+                if storage == "float32" and op == RELU:
+                    variants[f"flat_{direction}[{OP_NAMES[op]},{storage},int64]"] = (
+                        flat_kernel(direction, op, storage, width), arrays + (ct, types.int64))
+                    variants[f"flat_{direction}[{OP_NAMES[op]},{storage},unaligned]"] = (
+                        flat_kernel(direction, op, storage, 1), arrays + (ct, types.int32))
+        for op in (LEAKY, ELU):
+            variants[f"rows_forward[{OP_NAMES[op]},{storage}]"] = (
+                rows_kernel("forward", op, storage, COUNT | BIAS | WEIGHT, SUM_NONE),
+                (a2, a2, ct, types.int64, a1, a1, types.int64[::1]))
+            for sum_kind in (SUM_WEIGHT, SUM_GRAD):
+                variants[f"rows_backward[{OP_NAMES[op]},{storage},sum{sum_kind}]"] = (
+                    rows_kernel("backward", op, storage, WEIGHT, sum_kind),
+                    (a2, a2, a2, ct, types.int64, a1, types.Array(ct, 1, "C")))
+        if storage != "float32":
+            variants[f"cast[{storage}]"] = (cast_kernel(storage), (types.Array(ct, 1, "C"), a1))
+    return variants
 
-    i = types.int64  # Python ints (op codes, flags, sizes) arrive as int64
-    out = {}
-    for dt_name in ("float16", "float32", "float64"):
-        dt = getattr(types, dt_name)
-        ct = types.float64 if dt_name == "float64" else types.float32
-        k = _for(np.dtype(dt_name))
-        a1, a2 = dt[::1], dt[:, ::1]
-        launches = {
-            "forward_flat": (k["forward_flat"], (i, a1, a1, ct)),
-            "backward_flat": (k["backward_flat"], (i, a1, a1, a1, ct)),
-            "forward_rows": (k["forward_rows"], (i, a2, a2, ct, i, i, a1, a1, i[::1], i)),
-            "backward_rows": (k["backward_rows"], (i, a2, a2, a2, ct, i, i, a1, ct[::1], i, i)),
-            "cast": (cast, (ct[::1], a1)),
-        }
-        for name, (kernel, sig) in launches.items():
-            ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
-            out[f"{name}[{dt_name}]"] = len(ptx)
-    for zeroed in (types.float32, types.float64, i):  # accumulators and counts
-        ptx, _ = cuda.compile_ptx(fill_zero.py_func, (zeroed[::1],), cc=cc)
-        out[f"fill_zero[{zeroed}]"] = len(ptx)
-    return out
+
+def compile_ptx_all(cc=(9, 0)):
+    """Every kernel_variants() kernel compiled to PTX for compute capability `cc` (no GPU
+    needed; the simulator does not type-check): {name: PTX text}."""
+    return {name: cuda.compile_ptx(kernel.py_func, argtypes, cc=cc)[0]
+            for name, (kernel, argtypes) in kernel_variants().items()}

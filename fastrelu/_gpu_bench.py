@@ -75,7 +75,7 @@ def prepare(args):
     if args.contention:
         raise UsageError("--contention shares CPU cores; the GPU report (--device cuda) has none")
     if any(is_bfloat16(dt) for dt in options.dtypes):
-        raise UsageError("--dtypes: bfloat16 runs on the CPU only; the GPU kernels have none yet")
+        raise UsageError("--dtypes: the GPU report's arrays are CuPy's, which have no bfloat16")
     backend, state, peers = cuda_backend()
     sizes = size_plan(options.sizes, options.dtypes, backend)
     return functools.partial(run, options, backend, sizes, state, peers)

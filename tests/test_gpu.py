@@ -447,3 +447,58 @@ def test_stream_handles_of_every_kind_of_stream():
     assert _gpu._stream_handle(TorchLike()) == 5678
     assert _gpu._stream_handle(CupyLike()) == 91011
     assert _gpu._stream_handle(42) == 42
+
+
+def test_bfloat16_on_the_gpu_matches_the_cpu_bit_for_bit():
+    """bfloat16 CUDA arrays computed in float32 and rounded to nearest even as on the CPU (NaN
+    stays NaN, with the CPU's bits): flat, per-channel and gradient-summing paths."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    x = data((4, 6, 5), np.float32, 20)[0].astype(bf16)
+    g = data((4, 6, 5), np.float32, 21)[0].astype(bf16)
+    x.reshape(-1)[:3] = np.array([np.nan, -0.0, 1.00390625], np.float32).astype(bf16)
+    w = np.linspace(-0.5, 1.5, 6).astype(bf16)
+    for gpu, cpu in ((fastrelu.leaky_relu(dev(x), 0.3), fastrelu.leaky_relu(x, 0.3)),
+                     (fastrelu.prelu(dev(x), dev(w)), fastrelu.prelu(x, w)),
+                     (fastrelu.relu_backward(dev(g), dev(x)), fastrelu.relu_backward(g, x))):
+        got = host(gpu)
+        assert got.dtype == bf16 and got.shape == x.shape
+        np.testing.assert_array_equal(got.view(np.uint16), cpu.view(np.uint16))
+    # ELU: libdevice's expm1 against the CPU's, within one bfloat16 rounding
+    np.testing.assert_allclose(host(fastrelu.elu(dev(x), 0.7)).astype(np.float32),
+                               fastrelu.elu(x, 0.7).astype(np.float32), rtol=2 ** -8,
+                               equal_nan=True)
+    dx, dw = fastrelu.prelu_backward(dev(g), dev(x), dev(w))
+    ref_dx, ref_dw = fastrelu.prelu_backward(g, x, w)
+    np.testing.assert_array_equal(host(dx).view(np.uint16), ref_dx.view(np.uint16))
+    assert host(dw).dtype == bf16
+    np.testing.assert_allclose(host(dw).astype(np.float32), ref_dw.astype(np.float32),
+                               rtol=2 ** -7, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_unaligned_views_and_tails_of_the_vector_kernels(dtype):
+    """Arrays not 16-byte aligned take the kernel's one-element accesses; aligned ones of any
+    length end in whole vectors, then single elements."""
+    x, g = data((1 + 16 * 3 + 7,), dtype, 22)
+    buf = dev(x)
+    shifted = buf[1:]  # one element past a 16-byte boundary
+    check("leaky_relu", fastrelu.leaky_relu(shifted, 0.2), reference.leaky_relu(x[1:], 0.2))
+    check("relu", fastrelu.relu_backward(dev(g)[1:], shifted),
+          reference.relu_backward(g[1:], x[1:]))
+    for n in (1, 7, 8, 9, 33, x.size):
+        check("relu", fastrelu.relu(dev(x[:n])), reference.relu(x[:n]))
+
+
+def test_warp_reduction_across_channel_boundaries():
+    """Channels that start inside a warp (inner = 3, 5, 40 columns) or span several warps: each
+    channel's lanes are folded into its first lane, and only that lane adds to the total."""
+    for shape in ((3, 11, 3), (2, 13, 5), (2, 3, 40), (50, 1)):
+        x, g = data(shape, np.float32, 23)
+        w = np.linspace(-1, 1, shape[1]).astype(np.float32)
+        _, stats = fastrelu.relu(dev(x), stats=True, axis=1)
+        np.testing.assert_array_equal(
+            stats.positive, (x > 0).sum(axis=tuple(i for i in range(x.ndim) if i != 1)))
+        _, dw = fastrelu.prelu_backward(dev(g), dev(x), dev(w))
+        np.testing.assert_allclose(host(dw), reference.prelu_backward(g, x, w)[1], rtol=1e-5,
+                                   atol=1e-5)
