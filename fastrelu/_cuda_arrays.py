@@ -2,6 +2,7 @@
 (fastrelu._gpu): which objects are CUDA arrays, which library made them, the GPU they live on,
 and what validation needs of them (shape, dtype, strides, address), read from
 ``__cuda_array_interface__`` without importing any GPU library."""
+import functools
 import math
 
 import numpy as np
@@ -57,8 +58,14 @@ class DeviceView:
         if self.library == "torch" and obj.requires_grad:
             raise TypeError(f"{name} requires grad and exports no CUDA array interface: "
                             f"pass {name}.detach()")
-        interface = getattr(obj, "__cuda_array_interface__", None)
-        if interface is not None:
+        interface = None if self.library == "torch" else \
+            getattr(obj, "__cuda_array_interface__", None)
+        if self.library == "torch":  # read off the tensor: bfloat16 ones export no interface
+            self.dtype = numpy_dtype_of_torch(obj.dtype)
+            self.shape = tuple(obj.shape)
+            self.strides = tuple(st * self.dtype.itemsize for st in obj.stride())
+            self.ptr, self.readonly = obj.data_ptr(), False
+        elif interface is not None:
             try:
                 self.shape = tuple(int(n) for n in interface["shape"])
                 self.dtype = np.dtype(interface["typestr"])
@@ -102,6 +109,21 @@ class DeviceView:
         f = tuple(reversed(c_strides(tuple(reversed(self.shape)), self.dtype.itemsize)))
         return (all(s == cs or n <= 1 for n, s, cs in zip(self.shape, self.strides, c)),
                 all(s == fs or n <= 1 for n, s, fs in zip(self.shape, self.strides, f)))
+
+
+@functools.lru_cache(maxsize=None)
+def numpy_dtype_of_torch(dtype):
+    """The NumPy dtype of a torch dtype (bfloat16: ml_dtypes'; one NumPy lacks, such as float8:
+    a void dtype of its size, which validation refuses)."""
+    name = str(dtype).removeprefix("torch.")
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    try:
+        return np.dtype(name)
+    except TypeError:
+        return np.dtype((np.void, dtype.itemsize))
 
 
 def check_device_arrays(named_views):

@@ -777,8 +777,9 @@ def forward(op, x, out, p, weight, axis, want_counts, bias, dtype, stream=None):
             pb = _params(bias, storage, device_id, s)
             flags = (COUNT if want_counts else 0) | (BIAS if bias is not None else 0) | \
                 (WEIGHT if weight is not None else 0)
-            dcounts = _flat(_zeros(xc, (max(C, 1),), np.int64, s), "int64") if want_counts \
-                else _unused_on(device_id, np.dtype(np.int64))
+            int64 = np.dtype(np.int64)
+            dcounts = _flat(_zeros(xc, (max(C, 1),), int64, s), "int64") if want_counts \
+                else _unused_on(device_id, int64)
             period = C * inner
             if n:
                 kernel = rows_kernel("forward", op, storage, flags, SUM_NONE)

@@ -46,9 +46,7 @@ CROSSOVER = {
     "cuda": dict.fromkeys(("relu", "leaky_relu", "elu", "prelu"), 1 << 22),
 }
 
-_CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# bfloat16 CUDA tensors have no __cuda_array_interface__, fastrelu's way to the GPU kernels
-_CUDA_DTYPES = (torch.float16, torch.float32, torch.float64)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ---- tensors as kernel arguments -----------------------------------------------------------------
@@ -456,9 +454,7 @@ def _routed(kind, x, size_matters=True):
         return False
     if x.layout is not torch.strided:
         return False
-    if _on_cuda(x):
-        return x.dtype in _CUDA_DTYPES
-    return x.is_cpu and x.dtype in _CPU_DTYPES
+    return (x.is_cpu or _on_cuda(x)) and x.dtype in _DTYPES
 
 
 def _number(value):
@@ -571,9 +567,8 @@ class _Tracked:
             return _activate(kind, input, param, weight, inplace, False)[0]
         if not kernels_take_it:
             raise TypeError(f"{type(self).__name__}(track_stats=True) needs a float16, bfloat16, "
-                            "float32 or float64 CPU tensor or a float16/32/64 CUDA tensor "
-                            f"(a matching weight, a finite parameter), got {input.dtype} on "
-                            f"{input.device}")
+                            "float32 or float64 CPU or CUDA tensor (a matching weight, a finite "
+                            f"parameter), got {input.dtype} on {input.device}")
         y, stats = _activate(kind, input, param, weight, inplace, True)
         if isinstance(stats, Tensor):  # traced: the counts are an output of the graph
             per_unit = input.numel() // _units(input)

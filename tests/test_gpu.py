@@ -502,3 +502,144 @@ def test_warp_reduction_across_channel_boundaries():
         _, dw = fastrelu.prelu_backward(dev(g), dev(x), dev(w))
         np.testing.assert_allclose(host(dw), reference.prelu_backward(g, x, w)[1], rtol=1e-5,
                                    atol=1e-5)
+
+
+# ---- fastrelu.torch on CUDA tensors --------------------------------------------------------------
+
+STAND_IN_STREAM = 0x5EED  # the cudaStream_t the stand-in torch.cuda.current_stream() returns
+
+
+@pytest.fixture
+def torch_cuda(monkeypatch):
+    """PyTorch CUDA tensors for fastrelu.torch: real ones on a GPU.  Under the simulator, CPU
+    tensors pose as CUDA tensors (is_cuda, hence __cuda_array_interface__ over their memory),
+    torch.cuda.current_stream() returns a stream whose handle is STAND_IN_STREAM, numba's views
+    of the interface wrap that memory in simulator arrays; every launch's stream and every view's
+    type are recorded: (torch, {"launch_streams", "current_stream_devices", "typestrs"})."""
+    torch = pytest.importorskip("torch")
+    import fastrelu.torch as frt
+    from fastrelu import _gpu
+
+    for name in ("relu", "leaky_relu", "elu", "prelu"):
+        monkeypatch.setitem(frt.CROSSOVER["cuda"], name, 0)
+    seen = {"launch_streams": [], "current_stream_devices": [], "typestrs": []}
+    if not SIMULATOR:
+        return torch, seen
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    class CurrentStream:
+        cuda_stream = STAND_IN_STREAM
+
+    def current_stream(device=None):
+        seen["current_stream_devices"].append(device)
+        return CurrentStream()
+
+    def external_stream(handle):  # the simulator has no external streams
+        s = cuda.stream()
+        s.external_handle = handle
+        return s
+
+    def from_cuda_array_interface(desc, owner=None, sync=True):  # the memory, no copy
+        seen["typestrs"].append(desc["typestr"])
+        dtype = np.dtype(desc["typestr"])
+        count = int(np.prod(desc["shape"]))
+        memory = (ctypes.c_char * (count * dtype.itemsize)).from_address(desc["data"][0])
+        memory.owner = owner  # kept alive by the view, as numba's views keep theirs
+        return FakeCUDAArray(np.frombuffer(memory, dtype, count).reshape(desc["shape"]))
+
+    launch = _gpu._launch
+
+    def recording_launch(kernel, argtypes, grid, block, s, args):
+        seen["launch_streams"].append(getattr(s, "external_handle", None))
+        launch(kernel, argtypes, grid, block, s, args)
+
+    import ctypes
+
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    monkeypatch.setattr(cuda, "external_stream", external_stream, raising=False)
+    monkeypatch.setattr(cuda, "from_cuda_array_interface", from_cuda_array_interface,
+                        raising=False)
+    monkeypatch.setattr(_gpu, "_launch", recording_launch)
+    _gpu._external_stream.cache_clear()
+    yield torch, seen
+    _gpu._external_stream.cache_clear()
+
+
+def _to_cuda(torch, a):
+    t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype.kind == "V" else \
+        torch.from_numpy(a)
+    return t if SIMULATOR else t.cuda()
+
+
+def _bits(t):
+    return t.detach().cpu().view(__import__("torch").int16).numpy()
+
+
+def test_bfloat16_cuda_tensors_through_fastrelu_torch(torch_cuda):
+    """bfloat16 CUDA tensors take fastrelu's kernels through fastrelu.torch (forward, backward,
+    PReLU weight gradient, statistics) on the tensor's current stream, with the CPU kernels'
+    results bit for bit (the weight gradient: within its bfloat16 rounding, its float32 sums
+    being added in another order)."""
+    torch, seen = torch_cuda
+    import fastrelu.torch as frt
+
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    x = data((4, 6, 5), np.float32, 30)[0].astype(bf16)
+    g = data((4, 6, 5), np.float32, 31)[0].astype(bf16)
+    x.reshape(-1)[:3] = np.array([np.nan, -0.0, 1.00390625], np.float32).astype(bf16)
+    w = np.linspace(-0.5, 1.5, 6).astype(bf16)
+
+    for op, cpu_forward, cpu_backward in (
+            (lambda t: frt.leaky_relu(t, 0.3), lambda: fastrelu.leaky_relu(x, 0.3),
+             lambda: fastrelu.leaky_relu_backward(g, x, 0.3)),
+            (frt.relu, lambda: fastrelu.relu(x), lambda: fastrelu.relu_backward(g, x))):
+        tx = _to_cuda(torch, x.copy()).requires_grad_()
+        y = op(tx)
+        y.backward(_to_cuda(torch, g.copy()))
+        assert y.dtype == torch.bfloat16 and tx.grad.dtype == torch.bfloat16
+        np.testing.assert_array_equal(_bits(y), cpu_forward().view(np.int16))
+        np.testing.assert_array_equal(_bits(tx.grad), cpu_backward().view(np.int16))
+
+    tx = _to_cuda(torch, x.copy()).requires_grad_()
+    tw = _to_cuda(torch, w.copy()).requires_grad_()
+    y = frt.prelu(tx, tw)
+    y.backward(_to_cuda(torch, g.copy()))
+    ref_dx, ref_dw = fastrelu.prelu_backward(g, x, w, 1)
+    np.testing.assert_array_equal(_bits(y), fastrelu.prelu(x, w, 1).view(np.int16))
+    np.testing.assert_array_equal(_bits(tx.grad), ref_dx.view(np.int16))
+    assert tw.grad.dtype == torch.bfloat16
+    np.testing.assert_allclose(tw.grad.float().cpu().numpy(), ref_dw.astype(np.float32),
+                               rtol=2 ** -7)
+
+    module = frt.ReLU(track_stats=True)
+    y = module(_to_cuda(torch, x.copy()))
+    np.testing.assert_array_equal(_bits(y), fastrelu.relu(x).view(np.int16))
+    np.testing.assert_array_equal(module.stats.positive,
+                                  (x.astype(np.float32) > 0).sum(axis=(0, 2)))
+
+    if SIMULATOR:  # every kernel ran on the tensors' current stream; bfloat16 as 16-bit patterns
+        assert len(seen["launch_streams"]) == 7  # 3 forward, 3 backward, 1 with statistics
+        assert set(seen["launch_streams"]) == {STAND_IN_STREAM}
+        assert seen["current_stream_devices"] and \
+            {str(d) for d in seen["current_stream_devices"]} == {"cpu"}
+        # the data as uint16 patterns; float32 weight-gradient sums and int64 counts
+        assert set(seen["typestrs"]) == {"<u2", "<f4", "<i8"}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_float_cuda_tensors_through_fastrelu_torch(torch_cuda, dtype):
+    torch, seen = torch_cuda
+    import fastrelu.torch as frt
+
+    x, g = data((3, 4, 5), dtype, 32)
+    tx = _to_cuda(torch, x.copy()).requires_grad_()
+    y = frt.elu(tx, 0.7)
+    y.backward(_to_cuda(torch, g.copy()))
+    check("elu", y.detach(), fastrelu.elu(x, 0.7))
+    # alpha >= 0: the gradient is taken from the output, g * (y + alpha), as on the CPU
+    check("elu", tx.grad, fastrelu.elu_backward(g, fastrelu.elu(x, 0.7), 0.7, from_output=True))
+    if SIMULATOR:
+        assert set(seen["launch_streams"]) == {STAND_IN_STREAM}
+        assert set(seen["typestrs"]) == {np.dtype(dtype).newbyteorder("<").str}

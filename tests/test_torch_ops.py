@@ -501,15 +501,22 @@ def test_cuda_tensors_go_to_the_gpu_api(always_fastrelu, monkeypatch):
     assert torch.equal(y, torch.relu(x))
 
 
-def test_cuda_tensors_have_their_own_crossover_and_dtypes(monkeypatch):
-    calls = count_kernel_calls(monkeypatch, "relu")
+def test_cuda_tensors_have_their_own_crossover(monkeypatch):
+    calls = []
+
+    def gpu_relu(x, *, out=None, stats=False):  # a CPU tensor posing as CUDA: no real kernel
+        calls.append(x.dtype)
+        return out.copy_(torch.relu(x))
+
+    monkeypatch.setattr(frt.fastrelu, "relu", gpu_relu)
     monkeypatch.setattr(frt, "_on_cuda", lambda t: True)
     monkeypatch.setitem(frt.CROSSOVER["cpu"], "relu", 0)
     frt.relu(torch.randn(5))  # below the CUDA crossover
     assert calls == []
     monkeypatch.setitem(frt.CROSSOVER["cuda"], "relu", 0)
-    frt.relu(torch.randn(5, dtype=torch.bfloat16))  # no __cuda_array_interface__ for bfloat16
-    assert calls == []
+    frt.relu(torch.randn(5, dtype=torch.bfloat16))  # bfloat16 CUDA tensors too
+    frt.relu(torch.randn(5, dtype=torch.float64))
+    assert calls == [torch.bfloat16, torch.float64]
 
 
 def test_import_fastrelu_does_not_import_torch():
