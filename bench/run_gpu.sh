@@ -12,3 +12,6 @@ python3 -c "import fastrelu, json; print(json.dumps(fastrelu.info(), indent=1))"
 python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.txt"
 device=$(python3 -c "from numba import cuda; d = cuda.get_current_device(); n = d.name; print((n.decode() if isinstance(n, bytes) else n).replace(' ', '-').lower())")
 python3 -m fastrelu bench --device cuda --json "$out/gpu-$device.json" | tee "$out/gpu-$device.txt"
+# the host cost of a call: with stand-ins for the driver (as measured without a GPU), then real
+python3 bench/gpu_host_path.py | tee "$out/gpu-host-path-$device.txt"
+python3 bench/gpu_host_path.py --real | tee -a "$out/gpu-host-path-$device.txt"
