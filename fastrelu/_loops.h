@@ -166,6 +166,7 @@ static FR_INLINE void FR_FN(fwd_rows_t)(int op, const FR_T *x, FR_T *y, ptrdiff_
 /* 16 KiB per pair's half: whole rows of most (N, C) and NCHW layouts in one tile */
 #define FR_TILE ((ptrdiff_t)(16384 / sizeof(FR_T)))
 #define FR_BLOCK_ROWS 64
+#define FR_MIN_BLOCK_ROWS 4 /* fewer whole rows go row by row */
 
 /* The rounding error of p = a * b: exact for float32 (unless the product leaves the normal
  * range); 0 for float64, whose sums take the rounded product. */
@@ -200,6 +201,24 @@ static FR_INLINE double FR_FN(column_sum)(int op, const FR_T *g, const FR_T *x, 
             total += v > 0 ? 0.0 : (double)v * (double)gr;
     }
     return total;
+}
+
+/* A stretch of at most one row, each term added straight into the float64 sums: for the few
+ * elements of a partial row or a short call (float16 and streamed outputs come in stages of
+ * FR_STAGE elements), where a block's pairs would cost more to set up and fold than they save. */
+static FR_INLINE void FR_FN(bwd_row_t)(int op, const FR_T *g, const FR_T *x, FR_T *dx,
+                                      ptrdiff_t n, const FR_T *pw, const FR_T *pb, double *sums,
+                                      double *bias_sums, int sum) {
+#pragma omp simd
+    for (ptrdiff_t j = 0; j < n; j++) {
+        FR_T v = x[j], gj = g[j];
+        if (sum == FR_SUM_BIAS_WEIGHT) v = v + pb[j];
+        FR_T d = FR_DX(op, v, gj, pw[j], FR_T, FR_EXP);
+        dx[j] = d;
+        if (FR_SUMS_WEIGHT(sum)) sums[j] += v > 0 ? 0.0 : (double)v * (double)gj;
+        if (sum == FR_SUM_GRAD) sums[j] += d;
+        if (sum == FR_SUM_BIAS_WEIGHT) bias_sums[j] += d;
+    }
 }
 
 /* `rows` rows of J <= FR_TILE columns, `L` apart; pw, pb and the sums start at the first. */
@@ -275,19 +294,22 @@ static FR_INLINE void FR_FN(bwd_rows_t)(int op, const FR_T *g, const FR_T *x, FR
     ptrdiff_t k = 0;
     if (j0) {
         k = L - j0 < n ? L - j0 : n;
-        FR_FN(bwd_tiles_t)(op, g, x, dx, 1, j0, j0 + k, L, pw, pb, sums, bias_sums, sum);
+        FR_FN(bwd_row_t)(op, g, x, dx, k, pw + j0, pb ? pb + j0 : NULL, sums ? sums + j0 : NULL,
+                         bias_sums ? bias_sums + j0 : NULL, sum);
     }
     /* dx written over x or g (in place, or float16 staged): one row a block, so that a block
      * summed again in float64 still finds its inputs */
     const ptrdiff_t most = (const FR_T *)dx == x || (const FR_T *)dx == g ? 1 : FR_BLOCK_ROWS;
-    for (ptrdiff_t rows; n - k >= L; k += rows * L) {
-        rows = (n - k) / L < most ? (n - k) / L : most;
-        FR_FN(bwd_tiles_t)(op, g + k, x + k, dx + k, rows, 0, L, L, pw, pb, sums, bias_sums,
-                           sum);
+    if (sum != FR_SUM_NONE && n - k >= FR_MIN_BLOCK_ROWS * L)
+        for (ptrdiff_t rows; n - k >= L; k += rows * L) {
+            rows = (n - k) / L < most ? (n - k) / L : most;
+            FR_FN(bwd_tiles_t)(op, g + k, x + k, dx + k, rows, 0, L, L, pw, pb, sums, bias_sums,
+                               sum);
+        }
+    for (ptrdiff_t len; k < n; k += len) {
+        len = L < n - k ? L : n - k;
+        FR_FN(bwd_row_t)(op, g + k, x + k, dx + k, len, pw, pb, sums, bias_sums, sum);
     }
-    if (k < n)
-        FR_FN(bwd_tiles_t)(op, g + k, x + k, dx + k, 1, 0, n - k, L, pw, pb, sums, bias_sums,
-                           sum);
 }
 
 /* The non-inline entry points (the signatures of fr_loops in _kernels.h), made only for the ops
@@ -392,6 +414,7 @@ static const fr_loops FR_FN(loops) = {
 #undef FR_SUMS_WEIGHT
 #undef FR_TILE
 #undef FR_BLOCK_ROWS
+#undef FR_MIN_BLOCK_ROWS
 #undef FR_FN
 
 #endif /* FR_T */
