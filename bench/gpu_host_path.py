@@ -18,7 +18,6 @@ On a GPU (bench/run_gpu.sh) the same script also times the real calls (--real).
 """
 import argparse
 import contextlib
-import ctypes
 import functools
 import statistics
 import sys

@@ -710,8 +710,9 @@ def _transpose(a):
 
 
 def _numba_view(a, shape, storage):
-    """The simulator's kernel arguments, and the statistics counts read back: a numba array of `shape` and `storage` over the memory of C-contiguous `a`, made in one
-    step (no reshape, no stream of its own, no synchronize): bfloat16 data as their uint16 bits."""
+    """A numba array of `shape` and `storage` over the memory of C-contiguous `a`, made in one
+    step (no reshape, no stream of its own, no synchronize): bfloat16 data as their uint16 bits.
+    The simulator's kernel arguments, and the statistics counts' copy to the host."""
     if _kind(a) == "torch" and storage == "bfloat16":  # PyTorch exports no bfloat16 interface
         import torch
 
