@@ -3,23 +3,21 @@
     python bench/gpu_host_path.py [--calls N]
 
 The GPU backend's real (not simulator) code runs on numba device arrays whose pointers are made
-up, with the driver-facing calls replaced by stand-ins that do nothing: numba's context checks
-(cuCtxGetCurrent, ...), stream creation, the allocator (stats' counts), memset, the copy of the
-counts to the host and its stream synchronize, and the launch itself.  numba 0.30 launches through
-cuda.core's `launch(stream, config, kernel, *args)`, compiled code that calls the driver from C:
-the stand-in for it packs the arguments as cuda.core does first (its ParamHolder), so what is
-timed is everything fastrelu, numba and cuda.core's argument packing do per call; not timed:
-cuda.core's own stream and config conversion and the driver's cuLaunchKernel.  Prints
+up, with the driver-facing calls replaced by stand-ins that do nothing: numba's context lookup,
+stream creation, the allocator (stats' counts), memset, the copy of the counts to the host and
+its stream synchronize, and the launch itself: fastrelu._gpu's Launcher packs the parameters into
+its buffer and calls cuda.bindings' cuLaunchKernel, replaced here by a Python function that
+returns success, so what is timed is everything fastrelu and numba do per call up to that call;
+not timed: cuda.bindings' conversion of cuLaunchKernel's arguments and the driver itself.  Prints
 microseconds per call for each op, and where they go:
   api     validation and routing in fastrelu._api (its time outside fastrelu._gpu)
   gpu     fastrelu._gpu outside the two below: streams, layouts, launch configurations
-  views   numba device-array views of the arguments (_numba_view)
-  launch  numba's _Kernel.launch: argument typing and packing, LaunchConfig, ParamHolder
+  args    the arrays as kernel parameters: address and shape (KernelArray)
+  launch  the Launcher: parameter values, packing, the driver call's stand-in
 On a GPU (bench/run_gpu.sh) the same script also times the real calls (--real).
 """
 import argparse
 import contextlib
-import ctypes
 import functools
 import statistics
 import sys
@@ -38,11 +36,6 @@ def install_stand_ins(setattr_=setattr):
     from numba.cuda.cudadrv import devicearray, devices, driver
 
     from fastrelu import _gpu
-
-    try:
-        from cuda.core._kernel_arg_handler import ParamHolder
-    except ImportError:
-        from cuda.core.cu13._kernel_arg_handler import ParamHolder
 
     def stream(handle):
         return driver.Stream(driver.binding.CUstream(handle), external=True)
@@ -72,7 +65,7 @@ def install_stand_ins(setattr_=setattr):
             return Function()
 
     class Function:
-        kernel = None
+        handle = driver.binding.CUkernel(0)
 
     @functools.lru_cache(maxsize=None)
     def compiled(kernel, argtypes):
@@ -82,16 +75,17 @@ def install_stand_ins(setattr_=setattr):
         k._codelibrary = CodeLibrary()
         return k
 
-    def launch(stream, config, kernel, *args):
-        ParamHolder(args)
+    def launch_kernel(f, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        return (driver.binding.CUresult.CUDA_SUCCESS,)
 
     setattr_(_gpu, "_compiled", compiled)
     setattr_(_gpu, "_resident_blocks", lambda kernel, argtypes, threads, device_id: 132 * 8)
-    setattr_(dispatcher, "launch", launch)
-    _gpu._external_stream.cache_clear()
-    _gpu._unused_on.cache_clear()
+    setattr_(_gpu, "_launch_kernel", launch_kernel)
+    for cached in (_gpu._external_stream, _gpu._unused_on, _gpu._launcher):
+        cached.cache_clear()
     setattr_(_gpu, "_unused_on", functools.lru_cache(maxsize=None)(
-        lambda device_id, dtype: fake_array((1,), dtype, BASE + (1 << 42))))
+        lambda device_id, dtype: _gpu._flat(fake_array((1,), dtype, BASE + (1 << 42)),
+                                            dtype.name)))
     return devicearray
 
 
@@ -154,16 +148,16 @@ def per_call(call, calls, rounds=7):
 
 
 def breakdown(call, calls):
-    """(total, api, gpu, views, launch) microseconds per call, from one timed run with the
-    backend's entry points, its views and its launches wrapped in clocks."""
+    """(total, api, gpu, args, launch) microseconds per call, from one timed run with the
+    backend's entry points, its kernel arrays and its launches wrapped in clocks."""
     from fastrelu import _gpu
 
-    clocks = {k: Clock() for k in ("backend", "views", "launch")}
-    saved = {name: getattr(_gpu, name) for name in ("forward", "backward", "_numba_view",
+    clocks = {k: Clock() for k in ("backend", "args", "launch")}
+    saved = {name: getattr(_gpu, name) for name in ("forward", "backward", "KernelArray",
                                                       "_launch")}
     _gpu.forward = clocks["backend"].wrap(saved["forward"])
     _gpu.backward = clocks["backend"].wrap(saved["backward"])
-    _gpu._numba_view = clocks["views"].wrap(saved["_numba_view"])
+    _gpu.KernelArray = clocks["args"].wrap(saved["KernelArray"])
     _gpu._launch = clocks["launch"].wrap(saved["_launch"])
     try:
         start = time.perf_counter()
@@ -175,7 +169,7 @@ def breakdown(call, calls):
             setattr(_gpu, name, fn)
     us = {k: c.total / calls * 1e6 for k, c in clocks.items()}
     return (total / calls * 1e6, total / calls * 1e6 - us["backend"],
-            us["backend"] - us["views"] - us["launch"], us["views"], us["launch"])
+            us["backend"] - us["args"] - us["launch"], us["args"], us["launch"])
 
 
 def main(argv=None):
@@ -194,7 +188,7 @@ def main(argv=None):
         ops = cases(lambda shape, dtype, c=iter(range(BASE, BASE + (1 << 40), 1 << 24)):
                     fake_array(shape, dtype, next(c)))
         print("stand-in driver: us per call, host path up to the driver")
-    print(f"{'op':16} {'total':>7} {'api':>7} {'gpu':>7} {'views':>7} {'launch':>7}  (median "
+    print(f"{'op':16} {'total':>7} {'api':>7} {'gpu':>7} {'args':>7} {'launch':>7}  (median "
           f"of 7 x {args.calls} calls; breakdown from one instrumented run)")
     for name, call in ops.items():
         for _ in range(50):

@@ -13,10 +13,10 @@ def is_device(a):
     numba), or a numba device array of the CUDA simulator (which exports none)."""
     if a is None or isinstance(a, (np.ndarray, list, tuple, int, float)):
         return False
-    module = type(a).__module__
-    if module.startswith("torch"):
+    library = array_library(a)
+    if library == "torch":
         return bool(getattr(a, "is_cuda", False))
-    if module.startswith("numba") and hasattr(a, "copy_to_host"):
+    if library == "numba" and hasattr(a, "copy_to_host"):
         return True
     return hasattr(a, "__cuda_array_interface__")
 
@@ -27,7 +27,12 @@ LIBRARIES = ("torch", "cupy")  # array libraries with their own allocator, copie
 def array_library(a):
     """Which library made a CUDA array: "torch", "cupy", "numba", or "cai" for any other
     __cuda_array_interface__ producer (whose results are numba arrays)."""
-    module = type(a).__module__
+    return _library_of_type(type(a))
+
+
+@functools.lru_cache(maxsize=None)
+def _library_of_type(cls):
+    module = cls.__module__
     for library in ("torch", "cupy", "numba"):
         if module.startswith(library):
             return library
@@ -47,20 +52,26 @@ def device_index(a):
 class DeviceView:
     """What validation needs of a CUDA array: shape, dtype, byte strides, address, writability."""
 
-    __slots__ = ("obj", "library", "device", "shape", "dtype", "strides", "ptr", "readonly")
+    __slots__ = ("obj", "library", "device", "shape", "dtype", "strides", "ptr", "readonly",
+                 "_orders")
 
     @property
     def ndim(self):
         return len(self.shape)
 
     def __init__(self, name, obj):
-        self.obj, self.library = obj, array_library(obj)
+        self.obj, self.library, self._orders = obj, array_library(obj), None
         if self.library == "torch" and obj.requires_grad:
             raise TypeError(f"{name} requires grad and exports no CUDA array interface: "
                             f"pass {name}.detach()")
-        interface = None if self.library == "torch" else \
+        # numba's own arrays are read off the array: their interface is built per access
+        numba_array = self.library == "numba" and "gpu_data" in getattr(obj, "__dict__", ())
+        interface = None if self.library == "torch" or numba_array else \
             getattr(obj, "__cuda_array_interface__", None)
-        if self.library == "torch":  # read off the tensor: bfloat16 ones export no interface
+        if numba_array:
+            self.shape, self.dtype, self.strides = obj.shape, obj.dtype, obj.strides
+            self.ptr, self.readonly = obj.device_ctypes_pointer.value or 0, False
+        elif self.library == "torch":  # read off the tensor: bfloat16 ones export no interface
             self.dtype = numpy_dtype_of_torch(obj.dtype)
             self.shape = tuple(obj.shape)
             self.strides = tuple(st * self.dtype.itemsize for st in obj.stride())
@@ -102,13 +113,24 @@ class DeviceView:
         return a0 < b1 and b0 < a1
 
     def orders(self):
-        """(C-contiguous, F-contiguous)."""
-        if not math.prod(self.shape):
-            return True, True  # an empty array's strides say nothing about its order
-        c = c_strides(self.shape, self.dtype.itemsize)
-        f = tuple(reversed(c_strides(tuple(reversed(self.shape)), self.dtype.itemsize)))
-        return (all(s == cs or n <= 1 for n, s, cs in zip(self.shape, self.strides, c)),
-                all(s == fs or n <= 1 for n, s, fs in zip(self.shape, self.strides, f)))
+        """(C-contiguous, F-contiguous), worked out once."""
+        if self._orders is None:
+            self._orders = (_contiguous(reversed(self.shape), reversed(self.strides),
+                                        self.dtype.itemsize),
+                            _contiguous(self.shape, self.strides, self.dtype.itemsize))
+        return self._orders
+
+
+def _contiguous(shape, strides, itemsize):
+    """Each axis of more than one element steps over all the axes before it, packed (an empty
+    array's strides say nothing about its order: it is contiguous)."""
+    step, packed = itemsize, True
+    for n, s in zip(shape, strides):
+        if n == 0:
+            return True
+        packed = packed and (n <= 1 or s == step)
+        step *= n
+    return packed
 
 
 @functools.lru_cache(maxsize=None)

@@ -21,6 +21,8 @@ import contextlib
 import ctypes
 import functools
 import math
+import struct
+import threading
 
 import numba
 import numpy as np
@@ -32,6 +34,9 @@ from ._cpu import (BIAS, COPY, COUNT, ELU, ELU_FROM_Y, LEAKY, RELU, SUM_GRAD, SU
 from ._cuda_arrays import LIBRARIES, array_library as _kind, device_index
 
 SIMULATOR = bool(getattr(numba.config, "ENABLE_CUDASIM", 0))
+if not SIMULATOR:
+    from cuda.bindings.driver import cuLaunchKernel as _launch_kernel
+    from numba.cuda.cudadrv import devices
 THREADS = 256
 VECTOR_BYTES = 16  # per load and store: the widest global access (LDG.E.128 / STG.E.128)
 UNROLL = 4  # vectors loaded per thread before any is stored: 64 bytes in flight per thread
@@ -433,16 +438,92 @@ def _compute_dtype(dtype):
 @functools.lru_cache(maxsize=None)
 def _compiled(kernel, argtypes):
     """`kernel` compiled for `argtypes`, once per process (numba's disk cache makes that a load
-    after the first): launching it directly skips the dispatcher's per-call argument typing and
-    launch configuration, and its low-occupancy warnings (our small grids are small by design)."""
-    return kernel if SIMULATOR else kernel.compile(argtypes)
+    after the first), without the dispatcher's per-call argument typing and launch configuration,
+    and its low-occupancy warnings (our small grids are small by design)."""
+    return kernel.compile(argtypes)
 
 
-def _launch(kernel, argtypes, grid, block, s, args):
+class KernelArray:
+    """A C-contiguous CUDA array as a kernel parameter: its first element's device address and
+    the shape the kernel sees; `array` keeps the memory alive (and makes the simulator's view)."""
+
+    __slots__ = ("array", "address", "shape", "storage")
+
+    def __init__(self, array, shape, storage):
+        self.array, self.address, self.shape, self.storage = array, _address(array), shape, \
+            storage
+
+
+# numba's parameters for a scalar of each type: struct format, each in its own 8-byte slot
+_SCALAR_FORMATS = {types.float32: "f4x", types.float64: "d", types.int32: "i4x",
+                   types.int64: "q"}
+
+
+class Launcher:
+    """One compiled kernel launched through the driver's cuLaunchKernel, its parameters packed
+    into a buffer made once: as numba's _Kernel.launch packs them (each array as meminfo, parent,
+    size, itemsize, data, shape, strides, all pointer-sized; each scalar in its type), so the
+    kernel reads what it would under numba, without numba's per-call argument typing, views and
+    cuda.core's packing.  Not yet run on a GPU: tests compare the packing with numba's."""
+
+    def __init__(self, function, argtypes):
+        self.function, self.argtypes = function, argtypes
+        formats, self.array_dims = [], []
+        for ty in argtypes:
+            if isinstance(ty, types.Array):
+                formats.append("q" * (5 + 2 * ty.ndim))
+                self.array_dims.append(ty.ndim)
+            else:
+                formats.append(_SCALAR_FORMATS[ty])
+                self.array_dims.append(0)
+        self.itemsizes = [ty.dtype.bitwidth // 8 if isinstance(ty, types.Array) else 0
+                          for ty in argtypes]
+        self.layout = struct.Struct("=" + "".join(formats))
+        self.buffer = ctypes.create_string_buffer(self.layout.size)
+        count = self.layout.size // 8
+        self.pointers = (ctypes.c_void_p * count)(
+            *(ctypes.addressof(self.buffer) + 8 * k for k in range(count)))
+        self.lock = threading.Lock()  # the buffer is shared: one packing and launch at a time
+
+    def values(self, args):
+        """The parameter values of `args` (KernelArrays and scalars), in the buffer's order."""
+        values = []
+        for a, ndim, itemsize in zip(args, self.array_dims, self.itemsizes):
+            if not ndim:
+                values.append(a)
+            elif ndim == 1:
+                n = a.shape[0]
+                values += (0, 0, n, itemsize, a.address, n, itemsize)
+            else:
+                rows, period = a.shape
+                values += (0, 0, rows * period, itemsize, a.address, rows, period,
+                           period * itemsize, itemsize)
+        return values
+
+    def launch(self, grid, block, stream_handle, args):
+        values = self.values(args)
+        with self.lock:
+            self.layout.pack_into(self.buffer, 0, *values)
+            err, = _launch_kernel(self.function, *grid, *block, 0, stream_handle,
+                                  ctypes.addressof(self.pointers), 0)
+        if err:
+            raise RuntimeError(f"cuLaunchKernel failed: {err!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _launcher(kernel, argtypes, device_id):
+    """The Launcher of `kernel` for `argtypes` on a device (numba loads a module per device)."""
+    return Launcher(_compiled(kernel, argtypes)._codelibrary.get_cufunc().handle, argtypes)
+
+
+def _launch(kernel, argtypes, grid, block, s, device_id, args):
+    """kernel[grid, block, s](*args); args' arrays are KernelArrays.  On a GPU through its
+    Launcher; under the simulator through numba's dispatcher, on numba views of the arrays."""
     if SIMULATOR:
-        kernel[grid, block, s](*args)
+        kernel[grid, block, s](*(_numba_view(a.array, a.shape, a.storage)
+                                 if type(a) is KernelArray else a for a in args))
     else:
-        _compiled(kernel, argtypes).launch(args, grid, block, s)
+        _launcher(kernel, argtypes, device_id).launch(grid, block, s.handle, args)
 
 
 @functools.lru_cache(maxsize=None)
@@ -455,22 +536,45 @@ def _resident_blocks(kernel, argtypes, threads, device_id):
     return max(1, _compiled(kernel, argtypes).max_cooperative_grid_blocks(threads))
 
 
+@functools.lru_cache(maxsize=None)
 def _array_type(storage, ndim):
     return types.Array(STORAGE[storage], ndim, "C")
 
 
-def _launch_flat(direction, op, storage, arrays, p, n, device_id, s):
-    """One flat kernel over n elements of the 1-d numba arrays (x, y) or (g, x, dx)."""
-    aligned = all(_address(a) % VECTOR_BYTES == 0 for a in arrays)
+@functools.lru_cache(maxsize=None)
+def _flat_signature(direction, op, storage, aligned, int64_index):
+    """(kernel, argument types, elements per thread and step, the scalars' NumPy types) of a
+    flat launch."""
     width = VECTOR_BYTES // np.dtype(STORAGE[storage].name).itemsize if aligned else 1
-    kernel = flat_kernel(direction, op, storage, width)
-    index = types.int32 if n < 2 ** 31 else types.int64
     ct = types.float64 if storage == "float64" else types.float32
-    argtypes = (_array_type(storage, 1),) * len(arrays) + (ct, index)
-    per_block = THREADS * width * UNROLL
-    blocks = min(_resident_blocks(kernel, argtypes, THREADS, device_id), -(-n // per_block))
-    _launch(kernel, argtypes, (blocks, 1, 1), (THREADS, 1, 1), s,
-            (*arrays, ct(p), np.dtype(index.name).type(n)))
+    index = types.int64 if int64_index else types.int32
+    arrays = 2 if direction == "forward" else 3
+    argtypes = (_array_type(storage, 1),) * arrays + (ct, index)
+    return (flat_kernel(direction, op, storage, width), argtypes, width * UNROLL,
+            np.dtype(ct.name).type, np.dtype(index.name).type)
+
+
+def _launch_flat(direction, op, storage, arrays, p, n, device_id, s):
+    """One flat kernel over n elements of the contiguous arrays (x, y) or (g, x, dx)."""
+    aligned = not any(a.address % VECTOR_BYTES for a in arrays)
+    kernel, argtypes, per_thread, ct, index = _flat_signature(direction, op, storage, aligned,
+                                                              n >= 2 ** 31)
+    blocks = min(_resident_blocks(kernel, argtypes, THREADS, device_id),
+                 -(-n // (THREADS * per_thread)))
+    _launch(kernel, argtypes, (blocks, 1, 1), (THREADS, 1, 1), s, device_id,
+            (*arrays, ct(p), index(n)))
+
+
+@functools.lru_cache(maxsize=None)
+def _rows_signature(direction, op, storage, flags, sum_kind):
+    """(kernel, argument types, the compute type's NumPy type) of a rows launch."""
+    ct = types.float64 if storage == "float64" else types.float32
+    a1, a2 = _array_type(storage, 1), _array_type(storage, 2)
+    if direction == "forward":
+        argtypes = (a2, a2, ct, types.int64, a1, a1, types.Array(types.int64, 1, "C"))
+    else:
+        argtypes = (a2, a2, a2, ct, types.int64, a1, types.Array(ct, 1, "C"))
+    return rows_kernel(direction, op, storage, flags, sum_kind), argtypes, np.dtype(ct.name).type
 
 
 def _launch_rows(kernel, argtypes, rows, period, device_id, s, args):
@@ -484,12 +588,20 @@ def _launch_rows(kernel, argtypes, rows, period, device_id, s, args):
     gx = -(-period // bx)
     fill = max(1, _resident_blocks(kernel, argtypes, THREADS, device_id) // gx)
     gy = max(1, min(-(-rows // by), fill), -(-rows // (by << 26)))
-    _launch(kernel, argtypes, (gx, gy, 1), (bx, by, 1), s, args)
+    _launch(kernel, argtypes, (gx, gy, 1), (bx, by, 1), s, device_id, args)
 
 
 def _address(a):
-    """The device address of a numba array's first element (the simulator's: its host memory)."""
-    return a._ary.ctypes.data if SIMULATOR else a.__cuda_array_interface__["data"][0]
+    """The device address of a C-contiguous array's first element (the simulator's: its host
+    memory)."""
+    kind = _kind(a)
+    if kind == "torch":
+        return a.data_ptr()
+    if kind == "cupy":
+        return a.data.ptr
+    if SIMULATOR:
+        return a._ary.ctypes.data
+    return a.device_ctypes_pointer.value or 0
 
 
 # ---- arrays, streams, devices -------------------------------------------------------------------
@@ -599,7 +711,8 @@ def _transpose(a):
 
 def _numba_view(a, shape, storage):
     """A numba array of `shape` and `storage` over the memory of C-contiguous `a`, made in one
-    step (no reshape, no stream of its own, no synchronize): bfloat16 data as their uint16 bits."""
+    step (no reshape, no stream of its own, no synchronize): bfloat16 data as their uint16 bits.
+    The simulator's kernel arguments, and the statistics counts' copy to the host."""
     if _kind(a) == "torch" and storage == "bfloat16":  # PyTorch exports no bfloat16 interface
         import torch
 
@@ -616,12 +729,12 @@ def _numba_view(a, shape, storage):
 
 
 def _flat(a, storage):
-    return _numba_view(a, (math.prod(a.shape),), storage)
+    return KernelArray(a, (math.prod(a.shape),), storage)
 
 
 def _rows(a, period, storage):
     n = math.prod(a.shape)
-    return _numba_view(a, (n // period if period else 0, period), storage)
+    return KernelArray(a, (n // period if period else 0, period), storage)
 
 
 def _copy_into(out, src):
@@ -634,18 +747,20 @@ def _copy_into(out, src):
 
 @functools.lru_cache(maxsize=None)
 def _unused_on(device_id, dtype):
-    return cuda.to_device(np.zeros(1, dtype))
+    """The placeholder for a parameter a kernel's flags leave unused, made once per device."""
+    return _flat(cuda.to_device(np.zeros(1, dtype)), dtype.name)
 
 
 def _params(values, storage, device_id, s):
-    """Per-channel weights or biases as a contiguous 1-d numba array of the data's storage (the
+    """Per-channel weights or biases as a contiguous 1-d KernelArray of the data's storage (the
     kernels convert them): a view of a CUDA array, an upload of the NumPy array validation made
     of Python values, or a placeholder when there are none (made once per device)."""
     if values is None:
         return _unused_on(device_id, np.dtype(STORAGE[storage].name))
     if isinstance(values, np.ndarray):
         host = values.reshape(-1)
-        return cuda.to_device(host.view(np.uint16) if storage == "bfloat16" else host, stream=s)
+        return _flat(cuda.to_device(host.view(np.uint16) if storage == "bfloat16" else host,
+                                    stream=s), storage)
     return _flat(_contiguous(values), storage)
 
 
@@ -687,6 +802,8 @@ def launch_stream(a, stream, device_id):
         import cupy
 
         return _external_stream(device_id, cupy.cuda.get_current_stream().ptr)
+    if kind == "numba":
+        return a.stream or _external_stream(device_id, 0)
     interface = getattr(a, "__cuda_array_interface__", None)
     handle = interface.get("stream") if interface else None
     return _external_stream(device_id, handle or 0)
@@ -718,6 +835,9 @@ def _gpu_count():
         return 1
 
 
+_this_thread = threading.local()
+
+
 @contextlib.contextmanager
 def _launching(a, stream):
     """One call's scope; yields (the stream to launch on, the device id).  With one GPU that is
@@ -726,6 +846,9 @@ def _launching(a, stream):
     `stream` is made the current stream of a's library."""
     if _gpu_count() == 1:
         device_id, switch = 0, contextlib.nullcontext()
+        if not SIMULATOR and not getattr(_this_thread, "has_context", False):
+            devices.get_context()  # the Launchers launch in the current context
+            _this_thread.has_context = True
     else:
         index = device_index(a)
         device_id = index if index is not None else cuda.get_current_device().id
@@ -782,16 +905,14 @@ def forward(op, x, out, p, weight, axis, want_counts, bias, dtype, stream=None):
                 else _unused_on(device_id, int64)
             period = C * inner
             if n:
-                kernel = rows_kernel("forward", op, storage, flags, SUM_NONE)
-                a2 = _array_type(storage, 2)
-                argtypes = (a2, a2, types.float64 if ct == np.float64 else types.float32,
-                            types.int64, _array_type(storage, 1), _array_type(storage, 1),
-                            types.int64[::1])
+                kernel, argtypes, ct_type = _rows_signature("forward", op, storage, flags,
+                                                            SUM_NONE)
                 _launch_rows(kernel, argtypes, n // period, period, device_id, s,
-                             (_rows(xc, period, storage), _rows(y, period, storage), ct.type(p),
+                             (_rows(xc, period, storage), _rows(y, period, storage), ct_type(p),
                               inner, pw, pb, dcounts))
             if want_counts:
-                counts = dcounts.copy_to_host(stream=s)[:C]
+                counts = _numba_view(dcounts.array, dcounts.shape, "int64").copy_to_host(
+                    stream=s)[:C]
                 s.synchronize()  # this stream only: the counts are read on the host
         if out is not None and y is not out:
             _copy_into(out, y)
@@ -844,15 +965,11 @@ def backward(op, grad, x, out, p, weight, axis, param_out, param_shape, sum_kind
                     sums = _flat(accumulators, ct.name)
             period = C * inner
             if n:
-                kernel = rows_kernel("backward", op, storage, WEIGHT if weight is not None else 0,
-                                     sum_kind)
-                a2, ctype = _array_type(storage, 2), types.float64 if ct == np.float64 \
-                    else types.float32
-                argtypes = (a2, a2, a2, ctype, types.int64, _array_type(storage, 1),
-                            types.Array(ctype, 1, "C"))
+                kernel, argtypes, ct_type = _rows_signature(
+                    "backward", op, storage, WEIGHT if weight is not None else 0, sum_kind)
                 _launch_rows(kernel, argtypes, n // period, period, device_id, s,
                              (_rows(gc, period, storage), _rows(xc, period, storage),
-                              _rows(dx, period, storage), ct.type(p), inner, pw, sums))
+                              _rows(dx, period, storage), ct_type(p), inner, pw, sums))
             if param is not None and not direct:
                 _store_sums(accumulators, sums, param, param_shape, storage, device_id, s)
         if out is not None and dx is not out:
@@ -862,7 +979,7 @@ def backward(op, grad, x, out, p, weight, axis, param_out, param_shape, sum_kind
 
 
 def _store_sums(accumulators, sums, param, param_shape, storage, device_id, s):
-    """param[...] = the CT `accumulators` (`sums` is their numba view), rounded to param's
+    """param[...] = the CT `accumulators` (`sums`: as a KernelArray), rounded to param's
     dtype: by PyTorch's and CuPy's own copies, for numba arrays by cast_kernel."""
     if _kind(param) in LIBRARIES:
         _copy_into(param, accumulators.reshape(param_shape))
@@ -871,8 +988,9 @@ def _store_sums(accumulators, sums, param, param_shape, storage, device_id, s):
     ctype = types.float64 if storage == "float64" else types.float32
     argtypes = (types.Array(ctype, 1, "C"), _array_type(storage, 1))
     blocks = max(1, min(_resident_blocks(kernel, argtypes, THREADS, device_id),
-                        -(-sums.size // THREADS)))
-    _launch(kernel, argtypes, (blocks, 1, 1), (THREADS, 1, 1), s, (sums, _flat(param, storage)))
+                        -(-sums.shape[0] // THREADS)))
+    _launch(kernel, argtypes, (blocks, 1, 1), (THREADS, 1, 1), s, device_id,
+            (sums, _flat(param, storage)))
 
 
 def copy(src, dst):

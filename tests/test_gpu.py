@@ -549,9 +549,9 @@ def torch_cuda(monkeypatch):
 
     launch = _gpu._launch
 
-    def recording_launch(kernel, argtypes, grid, block, s, args):
+    def recording_launch(kernel, argtypes, grid, block, s, device_id, args):
         seen["launch_streams"].append(getattr(s, "external_handle", None))
-        launch(kernel, argtypes, grid, block, s, args)
+        launch(kernel, argtypes, grid, block, s, device_id, args)
 
     import ctypes
 
