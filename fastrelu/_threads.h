@@ -18,7 +18,6 @@
 #include <sched.h>
 #include <signal.h>
 #include <stdint.h>
-#include <sys/prctl.h>
 #include <time.h>
 #include <unistd.h>
 #include <immintrin.h>
@@ -166,7 +165,6 @@ static unsigned fr_wait_for_task(unsigned seen) {
 
 static void *fr_worker(void *arg) {
     unsigned seen = (unsigned)(uintptr_t)arg;
-    prctl(PR_SET_NAME, "fastrelu"); /* what top and /proc show */
     for (;;) {
         seen = fr_wait_for_task(seen);
         fr_run_chunks(seen, fr_claim(seen, 1));
@@ -188,6 +186,7 @@ static void fr_start_workers(int want) {
         const int failed = pthread_create(&thread, &attr, fr_worker, (void *)(uintptr_t)gen);
         pthread_attr_destroy(&attr);
         if (failed) break;
+        pthread_setname_np(thread, "fastrelu"); /* what top and /proc show, from its start */
         __atomic_store_n(&fr_pool.workers, fr_pool.workers + 1, __ATOMIC_RELAXED);
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
