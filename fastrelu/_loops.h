@@ -32,21 +32,25 @@ static void FR_CAT(fr_float_to_bf16_, FR_ISA)(const float *src, void *dst, ptrdi
 }
 
 #define FR_T float
+#define FR_LANE_INT int32_t
 #define FR_SFX FR_CAT(_f32_, FR_ISA)
 #define FR_EXPM1 fr_expm1f
 #define FR_EXP fr_expf
 #include "_loops.h"
 #undef FR_T
+#undef FR_LANE_INT
 #undef FR_SFX
 #undef FR_EXPM1
 #undef FR_EXP
 
 #define FR_T double
+#define FR_LANE_INT int64_t
 #define FR_SFX FR_CAT(_f64_, FR_ISA)
 #define FR_EXPM1 fr_expm1d
 #define FR_EXP fr_expd
 #include "_loops.h"
 #undef FR_T
+#undef FR_LANE_INT
 #undef FR_SFX
 #undef FR_EXPM1
 #undef FR_EXP
@@ -119,7 +123,7 @@ static FR_INLINE void FR_FN(fwd_rows_at_once_t)(int op, const FR_T *x, FR_T *y, 
                                                int flags, int rows) {
 #pragma omp simd
     for (ptrdiff_t j = 0; j < L; j++) {
-        int64_t c = 0;
+        FR_LANE_INT c = 0; /* as wide as the data's lanes: no widening per row */
         for (int r = 0; r < rows; r++) {
             FR_T v = x[r * L + j];
             if (flags & FR_BIAS) v = v + pb[j];
