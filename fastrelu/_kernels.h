@@ -624,7 +624,7 @@ static int fr_run(fr_job *job) {
         return -1;
     }
     fr_split split = {job, chunks, sums, len, region, with_bias_grad};
-    fr_parallel(nt, chunks, job->n, fr_run_chunk, &split);
+    fr_parallel(nt, chunks, fr_run_chunk, &split);
     if (sums) {
         if (!job->backward)
             memcpy(job->counts, fr_total(job, sums, chunks * len), (size_t)job->C * sizeof(int64_t));

@@ -100,22 +100,12 @@ typedef void (*fr_chunk_fn)(void *ctx, int chunk);
  * starts yielding its core (the thread it waits for may be queued on it). */
 #define FR_SPIN_NS 50000
 
-/* A spinning worker that finds a gap this long between two of its clock reads was descheduled:
- * another process wants its core.  For the next FR_CONTENDED_NS, workers then sleep at once
- * (spinning would only take that process's time and leave them mid-chunk when it takes it back),
- * and calls below FR_CONTENDED_MIN_ELEMENTS run on their caller alone: a worker woken from sleep
- * on a busy core arrives too late to share their work, and the caller would wait for it. */
-#define FR_PREEMPTED_NS 50000
-#define FR_CONTENDED_NS 100000000
-#define FR_CONTENDED_MIN_ELEMENTS ((ptrdiff_t)1 << 18)
-
 static struct {
     pthread_mutex_t busy; /* held by the call using the pool; a concurrent call runs alone */
     pthread_mutex_t sleep_lock;
     pthread_cond_t wake;
     int sleepers;  /* workers asleep or about to be (atomic; changed under sleep_lock) */
     int workers;   /* started (changed under busy) */
-    uint64_t contended_until; /* fr_now_ns() until which the cores count as contended (atomic) */
     uint64_t task; /* the task word (atomic) */
     int done;      /* chunks of the current task finished (atomic) */
     fr_chunk_fn fn; /* the current task: written under busy, before the task word */
@@ -149,27 +139,17 @@ static void fr_run_chunks(unsigned gen, int chunk) {
 }
 
 /* Returns once the task word's generation differs from `seen`: spinning a while, then asleep. */
-static int fr_contended(uint64_t now) {
-    return now < __atomic_load_n(&fr_pool.contended_until, __ATOMIC_RELAXED);
-}
-
 static unsigned fr_wait_for_task(unsigned seen) {
-    uint64_t last = fr_now_ns();
-    /* no spinning when the workers and the caller outnumber the CPUs, or a worker was just
-     * descheduled: it would take their time */
-    const int spin = __atomic_load_n(&fr_pool.workers, __ATOMIC_RELAXED) < fr_cpus &&
-                     !fr_contended(last);
-    for (const uint64_t until = last + FR_SPIN_NS; spin;) { /* the clock read every 64 pauses */
+    /* no spinning when the workers and the caller outnumber the CPUs: it would take their time */
+    const int spin = __atomic_load_n(&fr_pool.workers, __ATOMIC_RELAXED) < fr_cpus;
+    const uint64_t until = spin ? fr_now_ns() + FR_SPIN_NS : 0;
+    for (;;) { /* the clock is read every 64 pauses */
         for (int i = 0; i < 64; i++) {
             const unsigned gen = FR_GEN(__atomic_load_n(&fr_pool.task, __ATOMIC_ACQUIRE));
             if (gen != seen) return gen;
             _mm_pause();
         }
-        const uint64_t now = fr_now_ns();
-        if (now - last > FR_PREEMPTED_NS)
-            __atomic_store_n(&fr_pool.contended_until, now + FR_CONTENDED_NS, __ATOMIC_RELAXED);
-        if (now - last > FR_PREEMPTED_NS || now >= until) break;
-        last = now;
+        if (fr_now_ns() >= until) break;
     }
     pthread_mutex_lock(&fr_pool.sleep_lock);
     __atomic_fetch_add(&fr_pool.sleepers, 1, __ATOMIC_SEQ_CST);
@@ -212,13 +192,10 @@ static void fr_start_workers(int want) {
     pthread_sigmask(SIG_SETMASK, &old, NULL);
 }
 
-/* Runs fn(ctx, c) for every chunk c in [0, chunks), chunks <= FR_MAX_CHUNKS, of a job of n
- * elements, on up to nt threads with the caller's; each chunk runs exactly once, whichever thread
- * takes it.  Returns when all have finished. */
-static void fr_parallel(int nt, int chunks, ptrdiff_t n, fr_chunk_fn fn, void *ctx) {
-    if (nt <= 1 || chunks <= 1 ||
-        (n < FR_CONTENDED_MIN_ELEMENTS && fr_contended(fr_now_ns())) ||
-        pthread_mutex_trylock(&fr_pool.busy) != 0) {
+/* Runs fn(ctx, c) for every chunk c in [0, chunks), chunks <= FR_MAX_CHUNKS, on up to nt threads with the caller's; each
+ * chunk runs exactly once, whichever thread takes it.  Returns when all have finished. */
+static void fr_parallel(int nt, int chunks, fr_chunk_fn fn, void *ctx) {
+    if (nt <= 1 || chunks <= 1 || pthread_mutex_trylock(&fr_pool.busy) != 0) {
         for (int c = 0; c < chunks; c++) fn(ctx, c);
         return;
     }
