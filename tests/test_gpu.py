@@ -449,20 +449,26 @@ def test_stream_handles_of_every_kind_of_stream():
     assert _gpu._stream_handle(42) == 42
 
 
+def bfloat16_case(seed):
+    """(x, g, w) in bfloat16, (4, 6, 5) with 6 channels: x starts with NaN, -0 and a value that
+    rounds; w spans both signs."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    x = data((4, 6, 5), np.float32, seed)[0].astype(bf16)
+    g = data((4, 6, 5), np.float32, seed + 1)[0].astype(bf16)
+    x.reshape(-1)[:3] = np.array([np.nan, -0.0, 1.00390625], np.float32).astype(bf16)
+    return x, g, np.linspace(-0.5, 1.5, 6).astype(bf16)
+
+
 def test_bfloat16_on_the_gpu_matches_the_cpu_bit_for_bit():
     """bfloat16 CUDA arrays computed in float32 and rounded to nearest even as on the CPU (NaN
     stays NaN, with the CPU's bits): flat, per-channel and gradient-summing paths."""
-    ml_dtypes = pytest.importorskip("ml_dtypes")
-    bf16 = np.dtype(ml_dtypes.bfloat16)
-    x = data((4, 6, 5), np.float32, 20)[0].astype(bf16)
-    g = data((4, 6, 5), np.float32, 21)[0].astype(bf16)
-    x.reshape(-1)[:3] = np.array([np.nan, -0.0, 1.00390625], np.float32).astype(bf16)
-    w = np.linspace(-0.5, 1.5, 6).astype(bf16)
+    x, g, w = bfloat16_case(20)
     for gpu, cpu in ((fastrelu.leaky_relu(dev(x), 0.3), fastrelu.leaky_relu(x, 0.3)),
                      (fastrelu.prelu(dev(x), dev(w)), fastrelu.prelu(x, w)),
                      (fastrelu.relu_backward(dev(g), dev(x)), fastrelu.relu_backward(g, x))):
         got = host(gpu)
-        assert got.dtype == bf16 and got.shape == x.shape
+        assert got.dtype == x.dtype and got.shape == x.shape
         np.testing.assert_array_equal(got.view(np.uint16), cpu.view(np.uint16))
     # ELU: libdevice's expm1 against the CPU's, within one bfloat16 rounding
     np.testing.assert_allclose(host(fastrelu.elu(dev(x), 0.7)).astype(np.float32),
@@ -471,7 +477,7 @@ def test_bfloat16_on_the_gpu_matches_the_cpu_bit_for_bit():
     dx, dw = fastrelu.prelu_backward(dev(g), dev(x), dev(w))
     ref_dx, ref_dw = fastrelu.prelu_backward(g, x, w)
     np.testing.assert_array_equal(host(dx).view(np.uint16), ref_dx.view(np.uint16))
-    assert host(dw).dtype == bf16
+    assert host(dw).dtype == x.dtype
     np.testing.assert_allclose(host(dw).astype(np.float32), ref_dw.astype(np.float32),
                                rtol=2 ** -7, equal_nan=True)
 
@@ -584,12 +590,7 @@ def test_bfloat16_cuda_tensors_through_fastrelu_torch(torch_cuda):
     torch, seen = torch_cuda
     import fastrelu.torch as frt
 
-    ml_dtypes = pytest.importorskip("ml_dtypes")
-    bf16 = np.dtype(ml_dtypes.bfloat16)
-    x = data((4, 6, 5), np.float32, 30)[0].astype(bf16)
-    g = data((4, 6, 5), np.float32, 31)[0].astype(bf16)
-    x.reshape(-1)[:3] = np.array([np.nan, -0.0, 1.00390625], np.float32).astype(bf16)
-    w = np.linspace(-0.5, 1.5, 6).astype(bf16)
+    x, g, w = bfloat16_case(30)
 
     for op, cpu_forward, cpu_backward in (
             (lambda t: frt.leaky_relu(t, 0.3), lambda: fastrelu.leaky_relu(x, 0.3),
