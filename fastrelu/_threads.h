@@ -150,6 +150,7 @@ static unsigned fr_wait_for_task(unsigned seen) {
             _mm_pause();
         }
         if (fr_now_ns() >= until) break;
+        sched_yield();
     }
     pthread_mutex_lock(&fr_pool.sleep_lock);
     __atomic_fetch_add(&fr_pool.sleepers, 1, __ATOMIC_SEQ_CST);
