@@ -177,6 +177,19 @@ def _gpu():
     return _gpu
 
 
+def _on_device(named, outs):
+    """Whether a call runs on the GPU: a CUDA array among the arguments it reads, `named`
+    [(name, value)].  Its outputs `outs` [(name, value)] do not choose the side: a CUDA output
+    of a call that reads host arrays is refused, by name."""
+    if any(is_device(v) for _, v in named):
+        return True
+    for name, value in outs:
+        if is_device(value):
+            raise TypeError(f"{name} is a CUDA array but the arrays read are host arrays: mixing "
+                            "host and device arrays is not supported; move them to one side")
+    return False
+
+
 def _validated(named, device):
     """Host or device array arguments, validated: (arrays or DeviceViews, dtype)."""
     return _device_arrays(named) if device else _host_arrays(named)
@@ -342,9 +355,9 @@ def _forward(op, x, out, p, weight=None, axis=1, stats=False, stream=None, bias=
                 weight_axis = _prelu_weight(weight, x.shape, axis)
                 return _cpu.forward(op, x, out, p, weight=weight, axis=weight_axis,
                                     want_counts=False)[0]
-    device = any(is_device(v) for v in (x, weight, bias, out))
-    _check_stream(stream, device)
     named = [("x", x)] + [(n, v) for n, v in (("weight", weight), ("bias", bias)) if v is not None]
+    device = _on_device(named, [("out", out)])
+    _check_stream(stream, device)
     arrays, dtype = _validated(named, device)
     x, params = arrays[0], dict(zip([n for n, _ in named[1:]], arrays[1:]))
     weight, bias = params.get("weight"), params.get("bias")
@@ -395,7 +408,8 @@ def _backward(op, grad, x, out, p, weight=None, axis=1, param_out=None, stream=N
                                param_grad=grad_weight, sum=SUM_WEIGHT)
             return dx, grad_weight
     named = [("grad", grad), (x_name, x)] + ([] if weight is None else [("weight", weight)])
-    device = any(is_device(v) for v in (grad, x, weight, out, param_out))
+    out_name = "out" if weight is None and not bias_grad else "out[0]"
+    device = _on_device(named, [(out_name, out), ("out[1]", param_out)])
     _check_stream(stream, device)
     arrays, dtype = _validated(named, device)
     grad, x = arrays[:2]
@@ -412,8 +426,7 @@ def _backward(op, grad, x, out, p, weight=None, axis=1, param_out=None, stream=N
         axis = _axis("axis", axis, x.ndim)
         param_shape = (x.shape[axis],)
     if out is not None:
-        out_view = _check_out("out" if weight is None and not bias_grad else "out[0]", out,
-                              x.shape, dtype, inputs, in_place=("grad", x_name))
+        out_view = _check_out(out_name, out, x.shape, dtype, inputs, in_place=("grad", x_name))
     if weight is None and not bias_grad:
         if device:
             return _gpu().backward(op, grad.obj, x.obj, out, p, weight=None, axis=None,

@@ -153,15 +153,6 @@ typedef struct {
     void (*stream_copy)(char *dst, const char *src, size_t nbytes);
 } fr_isa;
 
-/* How many rows of L elements of `size` bytes the rows loops read together: 8, unless the rows'
- * stride puts their cache lines into fewer than 4 of the 4 KiB-periodic L1 sets (a stride that is
- * a multiple of 2 KiB, as with power-of-two channel counts): then 8 rows each of x, grad and the
- * output would compete for one or two sets and evict each other, and 2 rows are read together. */
-static inline int fr_rows_at_once(ptrdiff_t L, size_t size) {
-    const size_t offset = ((size_t)L * size) % 4096;
-    return offset && 4096 / (offset & -offset) >= 4 ? 8 : 2;
-}
-
 /* The same loops for three instruction sets.  The baseline's half conversions are the
  * compiler's _Float16 casts; the SIMD levels convert 16 or 8 lanes at a time.  stream_copy writes
  * with non-temporal stores, which skip reading the destination's cache lines before overwriting
@@ -289,6 +280,11 @@ static const char *fr_isa_name(void) { return fr_isa_in_use->name; }
 /* ---- one share: type dispatch, float16 and streaming stages ------------------------------- */
 
 #define FR_STAGE 1024 /* elements per staged step (float16, streamed outputs): buffers in L1 */
+/* Rows with sums are staged in whole rows, FR_STAGE_ROWS or more a stage (up to FR_STAGE_MAX
+ * elements), so that the loops gather their sums in blocks of rows there too. */
+#define FR_STAGE_MAX 4096
+#define FR_STAGE_ROWS 5
+
 
 static size_t fr_itemsize(int dt) { return dt == FR_F16 || dt == FR_BF16 ? 2 : dt == FR_F32 ? 4 : 8; }
 
@@ -371,8 +367,18 @@ static fr_sum fr_run_native(const fr_job *job, const fr_loops *loops, const void
     return r;
 }
 
+/* Elements per stage: FR_STAGE, or whole rows of the rows layout when sums are gathered, as many
+ * as fit in FR_STAGE_MAX and fill whole cache lines of the output. */
+static ptrdiff_t fr_stage_length(const fr_job *job, size_t isz, int row_sums) {
+    if (!job->L || !row_sums || job->L > FR_STAGE_MAX / FR_STAGE_ROWS) return FR_STAGE;
+    size_t line_rows = 1; /* rows per whole number of 64-byte lines */
+    while ((line_rows * (size_t)job->L * isz) % 64) line_rows *= 2;
+    const ptrdiff_t rows = FR_STAGE_MAX / job->L / (ptrdiff_t)line_rows * (ptrdiff_t)line_rows;
+    return rows >= FR_STAGE_ROWS ? rows * job->L : FR_STAGE;
+}
+
 /* n contiguous elements from element `at`.  Runs in place on the arrays, or in stages through
- * L1-sized buffers: float16 is converted to float32 and back, and streamed outputs are computed
+ * buffers in cache: float16 is converted to float32 and back, and streamed outputs are computed
  * into a buffer and then written with non-temporal stores. */
 static fr_sum fr_run_stretch(const fr_job *job, ptrdiff_t at, ptrdiff_t n, double p, double b,
                              int want_sum, void *row_sums, double *row_bias_sums) {
@@ -391,14 +397,15 @@ static fr_sum fr_run_stretch(const fr_job *job, ptrdiff_t at, ptrdiff_t n, doubl
     if (!half && !job->stream)
         return fr_run_native(job, loops, g, x, y, n, p, b, col, want_sum, row_sums,
                              row_bias_sums);
-    float gbuf[FR_STAGE], xbuf[FR_STAGE];
-    _Alignas(64) char ybuf[FR_STAGE * sizeof(double) + 64];
+    float gbuf[FR_STAGE_MAX], xbuf[FR_STAGE_MAX], obuf[FR_STAGE_MAX];
+    _Alignas(64) char ybuf[FR_STAGE_MAX * sizeof(double) + 64];
+    const ptrdiff_t stage = fr_stage_length(job, isz, row_sums != NULL);
     fr_sum total = {0};
     /* stages after the first start on a cache line of the output, so that streamed stores never
      * share a line with ordinary ones */
-    const ptrdiff_t first = FR_STAGE - (ptrdiff_t)(((uintptr_t)y & 63) / isz);
+    const ptrdiff_t first = stage - (ptrdiff_t)(((uintptr_t)y & 63) / isz);
     for (ptrdiff_t s = 0, m; s < n; s += m) {
-        m = s == 0 ? first : FR_STAGE;
+        m = s == 0 ? first : stage;
         m = n - s < m ? n - s : m;
         const void *gs = g ? g + s * isz : NULL, *xs = x + s * isz;
         /* the staged output sits at the destination's offset within a cache line, so that the
@@ -410,13 +417,15 @@ static fr_sum fr_run_stretch(const fr_job *job, ptrdiff_t at, ptrdiff_t n, doubl
             to_float(xs, xbuf, m);
             gs = gbuf, xs = xbuf;
         }
-        fr_sum r = fr_run_native(job, loops, gs, xs, half ? xbuf : ys, m, p, b,
+        /* a half result goes to a buffer of its own: written over its inputs, sums would be
+         * gathered a row at a time */
+        fr_sum r = fr_run_native(job, loops, gs, xs, half ? obuf : ys, m, p, b,
                                  job->L ? (col + s) % job->L : 0, want_sum, row_sums,
                                  row_bias_sums);
         total.wsum += r.wsum;
         total.bsum += r.bsum;
         total.count += r.count;
-        if (half) from_float(xbuf, ys, m);
+        if (half) from_float(obuf, ys, m);
         if (job->stream) isa->stream_copy(y + s * isz, ystage, (size_t)m * isz);
     }
     return total;

@@ -118,24 +118,37 @@ static FR_INLINE void FR_FN(fwd_row_t)(int op, const FR_T *x, FR_T *y, ptrdiff_t
     }
 }
 
-static FR_INLINE void FR_FN(fwd_rows_at_once_t)(int op, const FR_T *x, FR_T *y, ptrdiff_t L,
-                                               const FR_T *pw, const FR_T *pb, int64_t *counts,
-                                               int flags, int rows) {
+/* Sums per column (counts forward, weight and bias gradients backward) are gathered over blocks
+ * of up to FR_BLOCK_ROWS rows and tiles of up to FR_TILE columns, the rows read in memory order,
+ * into partial sums kept in cache, and added into the wide sums once a block. */
+/* 16 KiB per tile of partial sums: whole rows of most (N, C) and NCHW layouts in one tile */
+#define FR_TILE ((ptrdiff_t)(16384 / sizeof(FR_T)))
+#define FR_BLOCK_ROWS 64
+#define FR_MIN_BLOCK_ROWS 4 /* fewer whole rows go row by row */
+
+/* `rows` rows of J <= FR_TILE columns, `L` apart, counted in lanes as wide as the data's (no
+ * widening per element); pw, pb and counts start at the first column. */
+static FR_INLINE void FR_FN(fwd_block_t)(int op, const FR_T *x, FR_T *y, ptrdiff_t rows,
+                                        ptrdiff_t J, ptrdiff_t L, const FR_T *pw,
+                                        const FR_T *pb, int64_t *counts, int flags) {
+    FR_LANE_INT c[FR_TILE];
+    for (ptrdiff_t j = 0; j < J; j++) c[j] = 0;
+    for (ptrdiff_t r = 0; r < rows; r++) {
+        const FR_T *xr = x + r * L;
+        FR_T *yr = y + r * L;
 #pragma omp simd
-    for (ptrdiff_t j = 0; j < L; j++) {
-        FR_LANE_INT c = 0; /* as wide as the data's lanes: no widening per row */
-        for (int r = 0; r < rows; r++) {
-            FR_T v = x[r * L + j];
+        for (ptrdiff_t j = 0; j < J; j++) {
+            FR_T v = xr[j];
             if (flags & FR_BIAS) v = v + pb[j];
-            y[r * L + j] = FR_Y(op, v, pw[j], FR_T, FR_EXPM1);
-            c += v > 0;
+            yr[j] = FR_Y(op, v, pw[j], FR_T, FR_EXPM1);
+            c[j] += v > 0;
         }
-        counts[j] += c;
     }
+    for (ptrdiff_t j = 0; j < J; j++) counts[j] += c[j];
 }
 
-/* n elements that start at column j0 of rows of length L: a first partial row, then (when sums
- * are gathered) several whole rows at a time (fr_rows_at_once), then row by row. */
+/* n elements that start at column j0 of rows of length L: a first partial row, then (when
+ * counting) blocks of whole rows, then row by row. */
 static FR_INLINE void FR_FN(fwd_rows_t)(int op, const FR_T *x, FR_T *y, ptrdiff_t n, ptrdiff_t L,
                                        ptrdiff_t j0, const FR_T *pw, const FR_T *pb,
                                        int64_t *counts, int flags) {
@@ -145,33 +158,30 @@ static FR_INLINE void FR_FN(fwd_rows_t)(int op, const FR_T *x, FR_T *y, ptrdiff_
         FR_FN(fwd_row_t)(op, x, y, k, pw + j0, pb ? pb + j0 : NULL, counts ? counts + j0 : NULL,
                          flags);
     }
-    if ((flags & FR_COUNT) && fr_rows_at_once(L, sizeof(FR_T)) == 8)
-        for (; n - k >= 8 * L; k += 8 * L)
-            FR_FN(fwd_rows_at_once_t)(op, x + k, y + k, L, pw, pb, counts, flags, 8);
-    else if (flags & FR_COUNT)
-        for (; n - k >= 2 * L; k += 2 * L)
-            FR_FN(fwd_rows_at_once_t)(op, x + k, y + k, L, pw, pb, counts, flags, 2);
+    if ((flags & FR_COUNT) && n - k >= FR_MIN_BLOCK_ROWS * L)
+        for (ptrdiff_t rows; n - k >= L; k += rows * L) {
+            rows = (n - k) / L < FR_BLOCK_ROWS ? (n - k) / L : FR_BLOCK_ROWS;
+            for (ptrdiff_t t = 0, J; t < L; t += J) {
+                J = L - t < FR_TILE ? L - t : FR_TILE;
+                FR_FN(fwd_block_t)(op, x + k + t, y + k + t, rows, J, L, pw + t,
+                                   pb ? pb + t : NULL, counts + t, flags);
+            }
+        }
     for (ptrdiff_t len; k < n; k += len) {
         len = L < n - k ? L : n - k;
         FR_FN(fwd_row_t)(op, x + k, y + k, len, pw, pb, counts, flags);
     }
 }
 
-/* Backward sums per column are gathered over a block of up to FR_BLOCK_ROWS rows and a tile of up
- * to FR_TILE columns in pairs (s, c) of the compute type kept in cache, and added into the float64
- * sums once per block: the rows are read in memory order, and no term is widened to float64 (the
- * conversions, not the memory traffic, are what made float64 accumulation slow).  s + c carries
+/* Backward sums per column are gathered over a block in pairs (s, c) of the compute type, added
+ * into the float64 sums once per block: no term is widened to float64 (the conversions, not the
+ * memory traffic, are what made float64 accumulation slow).  s + c carries
  * the block's sum: s its rounded value, c the rounding errors, each recovered exactly (two-sum).
  * A float32 product v*g enters as its rounded value and the rounding error an FMA recovers, so
  * the block sums the exact products, as float64 products did; it is scaled by 2^64 first (exact)
  * so that products down to 2^-164 keep their error above float32's subnormal range.  float64
  * products are the contract's rounded ones.  A block whose pair overflowed, or met an infinity or
  * NaN, is summed again column by column in float64, as the contract's sum is written. */
-/* 16 KiB per pair's half: whole rows of most (N, C) and NCHW layouts in one tile */
-#define FR_TILE ((ptrdiff_t)(16384 / sizeof(FR_T)))
-#define FR_BLOCK_ROWS 64
-#define FR_MIN_BLOCK_ROWS 4 /* fewer whole rows go row by row */
-
 /* The rounding error of p = a * b: exact for float32 (unless the product leaves the normal
  * range); 0 for float64, whose sums take the rounded product. */
 static FR_INLINE FR_T FR_FN(product_error)(FR_T a, FR_T b, FR_T p) {
@@ -208,8 +218,8 @@ static FR_INLINE double FR_FN(column_sum)(int op, const FR_T *g, const FR_T *x, 
 }
 
 /* A stretch of at most one row, each term added straight into the float64 sums: for the few
- * elements of a partial row or a short call (float16 and streamed outputs come in stages of
- * FR_STAGE elements), where a block's pairs would cost more to set up and fold than they save. */
+ * elements of a partial row (the ends of a call or of a stage) or a short call, where a block's
+ * pairs would cost more to set up and fold than they save. */
 static FR_INLINE void FR_FN(bwd_row_t)(int op, const FR_T *g, const FR_T *x, FR_T *dx,
                                       ptrdiff_t n, const FR_T *pw, const FR_T *pb, double *sums,
                                       double *bias_sums, int sum) {
@@ -279,19 +289,6 @@ static FR_INLINE void FR_FN(bwd_block_t)(int op, const FR_T *g, const FR_T *x, F
     if (hold) memcpy(dx, held, (size_t)J * sizeof(FR_T));
 }
 
-/* Columns a .. b-1 of `rows` rows (the pointers at column a), in tiles. */
-static FR_INLINE void FR_FN(bwd_tiles_t)(int op, const FR_T *g, const FR_T *x, FR_T *dx,
-                                        ptrdiff_t rows, ptrdiff_t a, ptrdiff_t b, ptrdiff_t L,
-                                        const FR_T *pw, const FR_T *pb, double *sums,
-                                        double *bias_sums, int sum) {
-    for (ptrdiff_t t = a, J; t < b; t += J) {
-        J = b - t < FR_TILE ? b - t : FR_TILE;
-        FR_FN(bwd_block_t)(op, g + (t - a), x + (t - a), dx + (t - a), rows, J, L, pw + t,
-                           pb ? pb + t : NULL, sums ? sums + t : NULL,
-                           bias_sums ? bias_sums + t : NULL, sum);
-    }
-}
-
 static FR_INLINE void FR_FN(bwd_rows_t)(int op, const FR_T *g, const FR_T *x, FR_T *dx,
                                        ptrdiff_t n, ptrdiff_t L, ptrdiff_t j0, const FR_T *pw,
                                        const FR_T *pb, double *sums, double *bias_sums, int sum) {
@@ -301,14 +298,18 @@ static FR_INLINE void FR_FN(bwd_rows_t)(int op, const FR_T *g, const FR_T *x, FR
         FR_FN(bwd_row_t)(op, g, x, dx, k, pw + j0, pb ? pb + j0 : NULL, sums ? sums + j0 : NULL,
                          bias_sums ? bias_sums + j0 : NULL, sum);
     }
-    /* dx written over x or g (in place, or float16 staged): one row a block, so that a block
-     * summed again in float64 still finds its inputs */
+    /* dx written over x or g (in place): one row a block, so that a block summed again in
+     * float64 still finds its inputs */
     const ptrdiff_t most = (const FR_T *)dx == x || (const FR_T *)dx == g ? 1 : FR_BLOCK_ROWS;
     if (sum != FR_SUM_NONE && n - k >= FR_MIN_BLOCK_ROWS * L)
         for (ptrdiff_t rows; n - k >= L; k += rows * L) {
             rows = (n - k) / L < most ? (n - k) / L : most;
-            FR_FN(bwd_tiles_t)(op, g + k, x + k, dx + k, rows, 0, L, L, pw, pb, sums, bias_sums,
-                               sum);
+            for (ptrdiff_t t = 0, J; t < L; t += J) {
+                J = L - t < FR_TILE ? L - t : FR_TILE;
+                FR_FN(bwd_block_t)(op, g + k + t, x + k + t, dx + k + t, rows, J, L, pw + t,
+                                   pb ? pb + t : NULL, sums + t, bias_sums ? bias_sums + t : NULL,
+                                   sum);
+            }
         }
     for (ptrdiff_t len; k < n; k += len) {
         len = L < n - k ? L : n - k;

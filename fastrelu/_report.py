@@ -521,7 +521,8 @@ def allocates(impl, op, library):
 # ---- timing -------------------------------------------------------------------------------------
 
 SPREAD_LIMIT = 0.10  # a ratio whose interquartile range is wider than this share of it is unstable
-ATTEMPTS = 3  # measurements of a group, at most, while one of its ratios is unstable
+PRECISION = 0.02  # a group is measured again while a ratio's median is less certain than this
+EXTRA_PASSES = 8  # passes, at most, added to a group for its precision
 
 
 def quartiles(values):
@@ -531,9 +532,13 @@ def quartiles(values):
 
 
 def ratio_summary(numerators, denominators):
-    """Median and quartiles of per-round ratios, and whether their spread is over SPREAD_LIMIT."""
-    q1, median, q3 = quartiles([a / b for a, b in zip(numerators, denominators)])
-    return {"ratio": median, "q1": q1, "q3": q3, "unstable": (q3 - q1) / median > SPREAD_LIMIT}
+    """Median and quartiles of per-round ratios, whether their spread is over SPREAD_LIMIT, and
+    the median's standard error as a share of it, estimated from the quartiles (1.253 sigma /
+    sqrt(rounds), sigma = IQR / 1.349 as for a normal spread)."""
+    ratios = [a / b for a, b in zip(numerators, denominators)]
+    q1, median, q3 = quartiles(ratios)
+    return {"ratio": median, "q1": q1, "q3": q3, "unstable": (q3 - q1) / median > SPREAD_LIMIT,
+            "error": 1.253 * (q3 - q1) / 1.349 / math.sqrt(len(ratios)) / median}
 
 
 def spread(summary):
@@ -563,8 +568,8 @@ def sample(fn, calls, timing):
     return best
 
 
-def interleaved_samples(impls, timing):
-    """{key: [seconds per call, one sample per round]}.
+def interleaved_samples(impls, timing, calibration):
+    """{key: [seconds per call, one sample per round]}, with `calibration` from calibrate().
 
     Each implementation is sampled once per round, in the group's order in even rounds and the
     reverse in odd ones: two implementations' samples of one round are close in time, so what
@@ -572,7 +577,6 @@ def interleaved_samples(impls, timing):
     A sample of short calls is preceded by an untimed call, so that it starts with its own
     thread pool awake and its own data in cache."""
     started = time.perf_counter()
-    calibration = {key: calls_per_batch(fn, timing) for key, fn in impls.items()}
     keys = list(impls)
     samples = {key: [] for key in keys}
     for r in range(timing.rounds):
@@ -591,32 +595,83 @@ class Measurement:
     seconds: dict  # key -> median seconds per call
     ratios: dict  # name -> ratio_summary
     rounds: int
-    attempts: int
+    attempts: int  # passes over the group
 
     @property
     def widest(self):
         return max((spread(s) for s in self.ratios.values()), default=0.0)
 
 
-def measure(impls, pairs, timing):
-    """Times `impls` in interleaved rounds; `pairs` names the ratios wanted, {name: (numerator
-    key, denominator key)}.  While a ratio's spread is over SPREAD_LIMIT the group is measured
-    again, up to ATTEMPTS times and while earlier attempts took less than twice the budget, and
-    the attempt whose widest spread is narrowest is kept: a burst of load on the machine widens
-    one attempt, and does not become the result."""
-    best, started = None, time.perf_counter()
-    for attempt in range(1, ATTEMPTS + 1):
-        samples = interleaved_samples(impls, timing)
-        m = Measurement(seconds={k: statistics.median(v) for k, v in samples.items()},
-                        ratios={name: ratio_summary(samples[a], samples[b])
-                                for name, (a, b) in pairs.items()},
-                        rounds=len(next(iter(samples.values()))), attempts=attempt)
-        if best is None or m.widest < best.widest:
-            best = m
-        if best.widest <= SPREAD_LIMIT or time.perf_counter() - started > 2 * timing.budget:
+class _Group:
+    """One group's samples, gathered over the passes of measure_groups."""
+
+    def __init__(self, impls, pairs):
+        self.impls, self.pairs = impls, pairs
+        self.samples = {key: [] for key in impls}
+        self.calibration = None
+        self.seconds = 0.0
+        self.passes = 0
+
+    def measure(self, timing):
+        started = time.perf_counter()
+        if self.calibration is None:
+            self.calibration = {key: calls_per_batch(fn, timing) for key, fn in self.impls.items()}
+        for key, values in interleaved_samples(self.impls, timing, self.calibration).items():
+            self.samples[key].extend(values)
+        self.seconds += time.perf_counter() - started
+        self.passes += 1
+
+    def result(self):
+        s = self.samples
+        return Measurement(seconds={k: statistics.median(v) for k, v in s.items()},
+                           ratios={name: ratio_summary(s[a], s[b])
+                                   for name, (a, b) in self.pairs.items()},
+                           rounds=len(next(iter(s.values()))), attempts=self.passes)
+
+
+def measure_groups(groups, timing, passes=1, progress=None, labels=None):
+    """Measures each group of `groups`, [(impls, pairs)], in `passes` passes over all of them
+    (forward, then backward, and so on), each pass a share of the group's rounds and budget, and
+    returns their Measurements.  `pairs` names a group's ratios, {name: (numerator key,
+    denominator key)}; each is the median of the ratios of all its rounds.  The machine's speed
+    drifts over seconds and minutes (frequency, neighbours, the other CPU's work), and ratios
+    follow it: rounds spread over the whole run sample every group under the same mixture of
+    conditions, so that two runs agree.  A group with a ratio whose median is less certain than
+    PRECISION (its spread is wide for its rounds) is measured again, up to EXTRA_PASSES more
+    passes and while it has taken less than twice the budget: more rounds, so that a burst of
+    load on the machine is outvoted and the median settles; ratios spread wider than
+    SPREAD_LIMIT are marked unstable.  progress(), when given, is called after each pass over a group,
+    whose label it shows."""
+    share = dataclasses.replace(timing, rounds=math.ceil(timing.rounds / passes),
+                                min_rounds=math.ceil(timing.min_rounds / passes),
+                                budget=timing.budget / passes)
+    state = [_Group(impls, pairs) for impls, pairs in groups]
+    labels = labels or [""] * len(state)
+
+    def measure(indices):
+        for i in indices:
+            if progress is not None:
+                progress.label = labels[i]
+            state[i].measure(share)
+            if progress is not None:
+                progress()
+
+    order = list(range(len(state)))
+    for p in range(passes):
+        measure(order if p % 2 == 0 else order[::-1])
+    for _ in range(EXTRA_PASSES):
+        again = [i for i in order if state[i].seconds < 2 * timing.budget and
+                 max((r["error"] for r in state[i].result().ratios.values()), default=0.0)
+                 > PRECISION]
+        if not again:
             break
-    best.attempts = attempt
-    return best
+        measure(again)
+    return [g.result() for g in state]
+
+
+def measure(impls, pairs, timing):
+    """One group's Measurement (see measure_groups), in one pass."""
+    return measure_groups([(impls, pairs)], timing)[0]
 
 
 class Progress:
@@ -673,18 +728,16 @@ def row_groups(impls, op, direction, library):
             for pairs in (into_out, allocating)]
 
 
-def time_row(d, impls, op, direction, timing):
-    """One op and direction at one size and dtype: fastrelu's time, and each ratio's median and
-    spread (x copy: copy time / op time; relu: op time / relu time; alloc: allocating / into out=;
-    a peer: its time / fastrelu's of the same kind)."""
+def row_result(d, op, direction, measurements):
+    """One op and direction at one size and dtype, from the Measurements of its row_groups:
+    fastrelu's time, and each ratio's median and spread (x copy: copy time / op time; relu: op
+    time / relu time; alloc: allocating / into out=; a peer: its time / fastrelu's of the same
+    kind)."""
     library = d.backend.xp.__name__
-    seconds, ratios, rounds, attempts = {}, {}, [], []
-    for group, pairs in row_groups(impls, op, direction, library):
-        m = measure(group, pairs, timing)
+    seconds, ratios = {}, {}
+    for m in measurements:
         seconds.update({k: t for k, t in m.seconds.items() if k not in seconds})
         ratios.update(m.ratios)
-        rounds.append(m.rounds)
-        attempts.append(m.attempts)
     t = seconds[(FASTRELU, op, direction)]
     nbytes = (2 if direction == "fwd" else 3) * d.n * d.dtype.itemsize
     peers = [name for name in ratios if name not in ("copy", "relu", "alloc")]
@@ -696,35 +749,68 @@ def time_row(d, impls, op, direction, timing):
         "roofline_fraction": ratios["copy"]["ratio"],
         "peers": {p: seconds[(p, op, direction)] for p in peers},
         "peers_allocate": [p for p in peers if allocates(p, op, library)],
-        "ratios": ratios, "rounds": rounds, "attempts": attempts,
+        "ratios": ratios, "rounds": [m.rounds for m in measurements],
+        "attempts": [m.attempts for m in measurements],
         "unstable": sorted(name for name, r in ratios.items() if r["unstable"]),
     }
 
 
-def sweep(sizes, ops, peers, backend, timing):
-    """Times every op and direction at each (elements, dtype) of `sizes` and prints each one's
-    table as it is done; returns all the rows."""
-    rows_per_size = len(op_directions(ops))
-    progress = Progress(len(sizes) * rows_per_size)
-    columns = [backend.xp.__name__, f"{backend.xp.__name__}-maximum", *peers]
-    cache_name, cache = backend.cache
-    all_rows = []
+PASSES = 5  # passes of the sweep over every group, spread over the run (see measure_groups)
+
+
+def memory_batches(sizes, backend):
+    """`sizes` in order, cut into runs whose arrays fit in memory together (LIVE_ARRAYS of each
+    size within MEMORY_SHARE of it); one size at a time when the memory is unknown."""
+    memory = backend.memory[1]
+    batches, held = [], math.inf
     for n, dt in sizes:
+        need = n * dt.itemsize * LIVE_ARRAYS
+        if memory is None or held + need > memory * MEMORY_SHARE:
+            batches.append([])
+            held = 0
+        batches[-1].append((n, dt))
+        held += need
+    return batches
+
+
+def measure_batch(batch, ops, peers, backend, timing, passes, progress):
+    """The rows of every op and direction at the sizes of one memory batch, their arrays held
+    for the whole measurement and freed on return."""
+    library = backend.xp.__name__
+    rows, groups, labels = [], [], []
+    for n, dt in batch:
         d = Data(n, dt, backend)
         impls = implementations(d, ops, peers)
-        rows = []
         for op, direction in op_directions(ops):
-            progress.label = f"{dt.name} {human_size(n)} {op} {direction}"
-            rows.append(time_row(d, impls, op, direction, timing))
-            progress()
-        del d, impls  # before the next size's arrays
-        all_rows.extend(rows)
-        cache_note = f", {n * dt.itemsize / cache:.1f}x the {cache_name}" if cache else ""
-        print(f"\n{dt.name}, {human_size(n)} elements "
-              f"({n * dt.itemsize / 2**20:.1f} MiB per array{cache_note}):")
-        print(format_table(rows, columns))
-    print(TABLE_LEGEND.format(library=backend.xp.__name__, limit=SPREAD_LIMIT,
-                              attempts=ATTEMPTS))
+            found = row_groups(impls, op, direction, library)
+            rows.append((d, op, direction, range(len(groups), len(groups) + len(found))))
+            groups.extend(found)
+            labels.extend([f"{dt.name} {human_size(n)} {op} {direction}"] * len(found))
+    measurements = measure_groups(groups, timing, passes, progress, labels)
+    return [row_result(d, op, direction, [measurements[i] for i in at])
+            for d, op, direction, at in rows]
+
+
+def sweep(sizes, ops, peers, backend, timing, passes=PASSES):
+    """Times every op and direction at each (elements, dtype) of `sizes`, the groups of all the
+    sizes that fit in memory together measured in `passes` passes over them all, and prints each
+    size's table; returns all the rows."""
+    library = backend.xp.__name__
+    progress = Progress(len(sizes) * len(op_directions(ops)) * 2 * passes)  # two groups a row
+    columns = [library, f"{library}-maximum", *peers]
+    cache_name, cache = backend.cache
+    all_rows = []
+    for batch in memory_batches(sizes, backend):
+        results = measure_batch(batch, ops, peers, backend, timing, passes, progress)
+        for n, dt in batch:
+            cache_note = f", {n * dt.itemsize / cache:.1f}x the {cache_name}" if cache else ""
+            print(f"\n{dt.name}, {human_size(n)} elements "
+                  f"({n * dt.itemsize / 2**20:.1f} MiB per array{cache_note}):")
+            print(format_table([r for r in results if (r["elements"], r["dtype"]) == (n, dt.name)],
+                               columns))
+        all_rows.extend(results)
+    print(TABLE_LEGEND.format(library=library, limit=SPREAD_LIMIT, precision=PRECISION,
+                              extra=EXTRA_PASSES))
     return all_rows
 
 
@@ -741,9 +827,10 @@ x copy: the copy's time over the op's; /relu: the op's time over ReLU's (the cos
 alloc: fastrelu returning a new array over fastrelu writing into out=; vs X: X's time over
 fastrelu's, both writing into preallocated outputs, except for the NumPy recipe ({library}) and
 PyTorch's PReLU, which allocate their results and are set against fastrelu allocating (*);
-every figure is the median of per-round ratios of interleaved samples; iqr: the widest
-interquartile range of the row's ratios, over the ratio; !: wider than {limit:.0%} in the
-narrowest of up to {attempts} measurements."""
+every figure is the median of per-round ratios of interleaved samples, the rounds spread over
+passes across the whole sweep; iqr: the widest interquartile range of the row's ratios, over the
+ratio; !: wider than {limit:.0%}.  A group is measured again (up to {extra} more passes) until
+each median is known within {precision:.0%}."""
 
 
 def human_size(n):

@@ -27,12 +27,12 @@ import numpy as np
 
 from . import _cpu, _step_bench
 from ._api import prelu, prelu_backward
-from ._report import (ATTEMPTS, CHANNELS, FASTRELU, SPREAD_LIMIT, VALUE_CASES, Backend, Data,
-                      Progress, UsageError, available_memory_bytes, check_threads, cost_ratios,
-                      element_count, entries, fastrelu_impls, format_time, human_size, installed,
-                      last_level_cache_bytes, machine_description, measure, op_directions,
-                      plot_report, recipe_impls, report_options, size_plan, sweep, timed,
-                      write_json)
+from ._report import (CHANNELS, EXTRA_PASSES, FASTRELU, PASSES, PRECISION, SPREAD_LIMIT,
+                      VALUE_CASES, Backend, Data, Progress, UsageError, available_memory_bytes,
+                      check_threads, cost_ratios, element_count, entries, fastrelu_impls,
+                      format_time, human_size, installed, last_level_cache_bytes,
+                      machine_description, measure, op_directions, plot_report, recipe_impls,
+                      report_options, size_plan, sweep, timed, write_json)
 from ._runtime import get_num_threads, set_num_threads
 
 DEFAULT_SIZES = ("1e3", "1e5", "1e6", "stream")
@@ -443,8 +443,9 @@ def run(options, backend, sizes, threads=None):
     missing = [p for p in PEERS if p not in found]
     print("peers: " + (", ".join(f"{k} {v}" for k, v in found.items()) or "none") +
           (f" (not installed: {', '.join(missing)})" if missing else "") +
-          f"; interleaved rounds ({timing.rounds}, or {timing.min_rounds} for slow groups) of "
-          f"samples of {timing.min_time * 1e3:g} ms or more, medians of per-round ratios")
+          f"; interleaved rounds ({timing.rounds}, or {timing.min_rounds} for slow groups, in "
+          f"{PASSES} passes over the sweep) of samples of {timing.min_time * 1e3:g} ms or more, "
+          "medians of per-round ratios")
     if any(dt.itemsize == 2 for _, dt in sizes):
         print("float16 and bfloat16: the NumPy recipe computes in float32 and casts back; "
               "numexpr has no bfloat16")
@@ -481,7 +482,8 @@ def run(options, backend, sizes, threads=None):
                                                                   "after": after},
             "method": {"rounds": timing.rounds, "min_rounds": timing.min_rounds,
                        "sample_seconds": timing.min_time, "group_budget_seconds": timing.budget,
-                       "spread_limit": SPREAD_LIMIT, "attempts": ATTEMPTS},
+                       "passes": PASSES, "spread_limit": SPREAD_LIMIT, "precision": PRECISION,
+                       "extra_passes": EXTRA_PASSES},
             "rows": all_rows, "cost_ratios": ratios, **extras})
     if options.plot is not None:
         panels = [plot_values(extras["value_sweep"]), plot_steps(extras["training_step"])] \

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -256,11 +257,46 @@ def test_unstable_groups_are_measured_again_and_marked():
     noisy = fake_clock(lambda fn, k: 1e-3 * (1 + k % 3 if fn is a else 1))  # a/b from 1 to 3
     timing = _report.Timing(rounds=6, min_rounds=6, min_time=0.0, budget=10.0, timer=noisy)
     m = _report.measure({"a": a, "b": b}, {"a/b": ("a", "b")}, timing)
-    assert m.attempts == _report.ATTEMPTS and m.ratios["a/b"]["unstable"]
+    assert m.attempts == 1 + _report.EXTRA_PASSES and m.ratios["a/b"]["unstable"]
     steady = fake_clock(lambda fn, k: 1e-3)
     timing = dataclasses.replace(timing, timer=steady)
     m = _report.measure({"a": a, "b": b}, {"a/b": ("a", "b")}, timing)
     assert m.attempts == 1 and not m.ratios["a/b"]["unstable"]
+
+
+def test_passes_spread_each_groups_rounds_over_the_sweep():
+    """Three passes over two groups: each pass a third of every group's rounds, the groups in
+    order, then in reverse, then in order; ratios over all the rounds of a group."""
+    log = []
+    a, b, c, d = (lambda: None), (lambda: None), (lambda: None), (lambda: None)
+    names = {a: "a", b: "b", c: "c", d: "d"}
+
+    def timer(fn, calls=1):
+        log.append(names[fn])
+        return {"a": 1e-3, "b": 2e-3, "c": 3e-3, "d": 1e-3}[names[fn]]
+
+    timing = _report.Timing(rounds=6, min_rounds=6, min_time=0.0, budget=10.0, timer=timer)
+    first, second = _report.measure_groups([({"a": a, "b": b}, {"a/b": ("a", "b")}),
+                                            ({"c": c, "d": d}, {"c/d": ("c", "d")})],
+                                           timing, passes=3)
+    assert (first.rounds, first.attempts, second.rounds, second.attempts) == (6, 3, 6, 3)
+    assert first.ratios["a/b"]["ratio"] == pytest.approx(0.5)
+    assert second.ratios["c/d"]["ratio"] == pytest.approx(3.0)
+    # calibration (the first pass only), then 2 rounds of 2 samples a group and pass
+    timed = [name for name in log if name in "ab"]
+    assert len(timed) == 2 + 3 * 4
+    passes = "".join("x" if name in "ab" else "y" for name in log)
+    assert passes == "xx" + "xxxx" + "yy" + "yyyy" + "yyyy" + "xxxx" + "xxxx" + "yyyy"
+
+
+def test_sizes_that_fit_together_are_measured_together():
+    f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
+    per_element = _report.LIVE_ARRAYS / _report.MEMORY_SHARE
+    roomy = types.SimpleNamespace(memory=("memory", 10**6 * 4 * per_element))
+    sizes = [(1000, f32), (10**5, f32), (800_000, f32), (500_000, f64)]
+    assert _report.memory_batches(sizes, roomy) == [sizes[:3], sizes[3:]]
+    unknown = types.SimpleNamespace(memory=("memory", None))
+    assert _report.memory_batches(sizes, unknown) == [[s] for s in sizes]
 
 
 def test_slow_groups_get_fewer_rounds():

@@ -352,3 +352,22 @@ def test_from_output_accepts_numpy_bools():
                                reference.elu_backward(g, x), rtol=1e-12)
     with pytest.raises(TypeError, match="from_output"):
         fastrelu.elu_backward(g, y, from_output=None)
+
+
+class CudaLike:
+    """Claims to be a CUDA array (what routing looks at), on a host call."""
+    __cuda_array_interface__ = {"shape": (2,), "typestr": "<f4", "data": (0, False), "version": 3}
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda o: fastrelu.relu([0.5, -1.0], out=o), "out"),
+    (lambda o: fastrelu.leaky_relu(np.ones(2, np.float32), 0.1, out=o), "out"),
+    (lambda o: fastrelu.relu_backward([1.0, 1.0], [0.5, -1.0], out=o), "out"),
+    (lambda o: fastrelu.prelu_backward(np.ones(2), np.ones(2), [0.25], 0, out=(o, None)),
+     r"out\[0\]"),
+    (lambda o: fastrelu.prelu_backward(np.ones(2), np.ones(2), [0.25], 0, out=(None, o)),
+     r"out\[1\]"),
+])
+def test_a_cuda_output_of_a_host_call_is_named(call, name):
+    with pytest.raises(TypeError, match=name + " is a CUDA array but the arrays read are host"):
+        call(CudaLike())
