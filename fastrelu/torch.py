@@ -538,6 +538,15 @@ else:
             "before compiling")
 
 
+# CROSSOVER's tables by x.is_cuda, for the modules' fast path
+_CROSSOVERS = (CROSSOVER["cpu"], CROSSOVER["cuda"])
+_NEVER = math.inf
+
+
+def _below_crossover(kind, x):
+    return x.numel() < _CROSSOVERS[x.is_cuda][kind.name]
+
+
 class _Tracked:
     """What the fastrelu modules add to their torch.nn classes: the forward on fastrelu's
     kernels, optional dead-unit statistics from the same pass (`track_stats`), the last batch's
@@ -549,12 +558,16 @@ class _Tracked:
     _tracker = None
     _tracker_name = None
     _param_name = None  # the torch module's attribute holding the op's parameter
+    _op_name = None  # its kind's name, read once a call on the fast path
 
     def forward(self, input):
+        # small plain tensors first, in as few steps as possible: this is all they pay
+        if type(input) is Tensor and not self.track_stats:
+            limit = _CROSSOVERS[input.is_cuda][self._op_name]
+            if limit == _NEVER or input.numel() < limit:
+                return self._native(input)
         kind = self._kind
-        # small tensors first, in as few steps as possible: this is all they pay
-        if not self.track_stats and (not isinstance(input, Tensor) or input.numel() <
-                                     CROSSOVER["cuda" if input.is_cuda else "cpu"][kind.name]):
+        if not self.track_stats and (not isinstance(input, Tensor) or _below_crossover(kind, input)):
             return super().forward(input)  # the torch module's own
         param = 0.0 if self._param_name is None else _number(getattr(self, self._param_name))
         weight = self.weight if kind is _PRELU else None
@@ -600,43 +613,60 @@ class ReLU(_Tracked, torch.nn.ReLU):
     """torch.nn.ReLU on fastrelu's kernels; track_stats=True counts positive inputs per channel
     in the same pass (see `stats`)."""
 
-    _kind = _RELU
+    _kind, _op_name = _RELU, _RELU.name
 
     def __init__(self, inplace=False, *, track_stats=False):
         super().__init__(inplace)
         self.track_stats = track_stats
 
+    # torch.nn.ReLU's forward on a plain tensor, without torch.nn.functional's Python layer (the
+    # same kernel): the other modules' alike
+    def _native(self, input):
+        return torch.relu_(input) if self.inplace else torch.relu(input)
+
 
 class LeakyReLU(_Tracked, torch.nn.LeakyReLU):
     """torch.nn.LeakyReLU on fastrelu's kernels (see ReLU for track_stats)."""
 
-    _kind, _param_name = _LEAKY, "negative_slope"
+    _kind, _op_name, _param_name = _LEAKY, _LEAKY.name, "negative_slope"
 
     def __init__(self, negative_slope=0.01, inplace=False, *, track_stats=False):
         super().__init__(negative_slope, inplace)
         self.track_stats = track_stats
 
+    def _native(self, input):
+        nn_ops = torch._C._nn
+        return nn_ops.leaky_relu_(input, self.negative_slope) if self.inplace else \
+            nn_ops.leaky_relu(input, self.negative_slope)
+
 
 class ELU(_Tracked, torch.nn.ELU):
     """torch.nn.ELU on fastrelu's kernels (see ReLU for track_stats)."""
 
-    _kind, _param_name = _ELU, "alpha"
+    _kind, _op_name, _param_name = _ELU, _ELU.name, "alpha"
 
     def __init__(self, alpha=1.0, inplace=False, *, track_stats=False):
         super().__init__(alpha, inplace)
         self.track_stats = track_stats
+
+    def _native(self, input):
+        nn_ops = torch._C._nn
+        return nn_ops.elu_(input, self.alpha) if self.inplace else nn_ops.elu(input, self.alpha)
 
 
 class PReLU(_Tracked, torch.nn.PReLU):
     """torch.nn.PReLU on fastrelu's kernels: forward, and the input and weight gradients in one
     pass (the weight's summed in float64).  See ReLU for track_stats."""
 
-    _kind = _PRELU
+    _kind, _op_name = _PRELU, _PRELU.name
 
     def __init__(self, num_parameters=1, init=0.25, device=None, dtype=None, *,
                  track_stats=False):
         super().__init__(num_parameters, init, device=device, dtype=dtype)
         self.track_stats = track_stats
+
+    def _native(self, input):
+        return torch.prelu(input, self.weight)
 
 
 _COUNTERPARTS = {torch.nn.ReLU: ReLU, torch.nn.LeakyReLU: LeakyReLU, torch.nn.ELU: ELU,

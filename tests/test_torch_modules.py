@@ -327,3 +327,31 @@ def test_export(always_fastrelu):
     targets = {str(n.target) for n in ep.graph.nodes if "fastrelu" in str(n.target)}
     assert {"fastrelu.prelu.default", "fastrelu.elu.default"} <= targets
     torch.testing.assert_close(ep.module()(x), native(x), rtol=1e-5, atol=1e-6)
+
+
+class Marked(torch.Tensor):
+    """A tensor subclass: modules hand it to the torch module's own forward."""
+
+
+@pytest.mark.parametrize("torch_cls, fast_cls", PAIRS)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_below_the_crossover_modules_compute_pytorch_s_result(monkeypatch, torch_cls, fast_cls,
+                                                              inplace):
+    calls = []
+    for name in ("relu", "leaky_relu", "elu", "prelu"):
+        original = getattr(frt.fastrelu, name)
+        monkeypatch.setattr(frt.fastrelu, name,
+                            lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k))
+        monkeypatch.setitem(frt.CROSSOVER["cpu"], name, 100)
+    kwargs = {} if torch_cls is nn.PReLU else {"inplace": inplace}
+    native, fast = torch_cls(**kwargs), frt.convert(torch_cls(**kwargs))
+    x = torch.randn(2, 3, 4)  # 24 elements: PyTorch's kernel
+    for given in (x, x.as_subclass(Marked), nn.Parameter(x.clone(), requires_grad=False)):
+        expected = native(given.clone())
+        got = fast(given.clone())
+        assert torch.equal(got, expected) and type(got) is type(expected)
+    assert calls == []
+    big = torch.randn(2, 50)  # 100 elements: fastrelu's (ELU within a few ulp)
+    torch.testing.assert_close(fast(big.clone()), native(big.clone()),
+                               rtol=1e-6 if torch_cls is nn.ELU else 0, atol=0)
+    assert calls == [1]
