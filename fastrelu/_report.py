@@ -523,6 +523,7 @@ def allocates(impl, op, library):
 SPREAD_LIMIT = 0.10  # a ratio whose interquartile range is wider than this share of it is unstable
 PRECISION = 0.02  # a group is measured again while a ratio's median is less certain than this
 EXTRA_PASSES = 8  # passes, at most, added to a group for its precision
+PASSES = 5  # passes of a report's section over all of its groups (see measure_groups)
 
 
 def quartiles(values):
@@ -753,9 +754,6 @@ def row_result(d, op, direction, measurements):
         "attempts": [m.attempts for m in measurements],
         "unstable": sorted(name for name, r in ratios.items() if r["unstable"]),
     }
-
-
-PASSES = 5  # passes of the sweep over every group, spread over the run (see measure_groups)
 
 
 def memory_batches(sizes, backend):

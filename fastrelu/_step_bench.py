@@ -8,7 +8,7 @@ interleaved rounds of the report, and each is reported over the step with ReLU.
 """
 import numpy as np
 
-from ._report import measure
+from ._report import PASSES, measure_groups
 
 MLP_BATCH, MLP_FEATURES, MLP_CLASSES = 32, 64, 10  # the experiment's batch, on digits' 8x8 pixels
 CNN_BATCH, CNN_CHANNELS, CNN_SIDE, CNN_CLASSES = 32, 8, 16, 10
@@ -76,19 +76,16 @@ def cnn_steps():
     return steps
 
 
-def time_steps(model, description, steps, timing):
-    m = measure(steps, {name: (name, "relu") for name in steps if name != "relu"}, timing)
-    return {"model": model, "description": description, "seconds": m.seconds,
-            "ratios": m.ratios, "rounds": m.rounds, "attempts": m.attempts}
-
-
 def training_steps(peers, timing):
     """[{model, description, seconds per step by activation, ratios over ReLU's step}]: the
-    MLP always, the CNN when PyTorch is installed."""
-    results = [time_steps("mlp", f"fastrelu experiment MLP 2x100, batch {MLP_BATCH} of "
-                          f"{MLP_FEATURES} features, fastrelu.nn", mlp_steps(), timing)]
+    MLP always, the CNN when PyTorch is installed, measured in passes over both."""
+    models = [("mlp", f"fastrelu experiment MLP 2x100, batch {MLP_BATCH} of {MLP_FEATURES} "
+               "features, fastrelu.nn", mlp_steps())]
     if "torch" in peers:
-        results.append(time_steps(
-            "cnn", f"PyTorch conv-act-conv-act-linear, {CNN_CHANNELS} channels, batch "
-            f"{CNN_BATCH} of 3x{CNN_SIDE}x{CNN_SIDE}, torch.nn", cnn_steps(), timing))
-    return results
+        models.append(("cnn", f"PyTorch conv-act-conv-act-linear, {CNN_CHANNELS} channels, "
+                       f"batch {CNN_BATCH} of 3x{CNN_SIDE}x{CNN_SIDE}, torch.nn", cnn_steps()))
+    groups = [(steps, {name: (name, "relu") for name in steps if name != "relu"})
+              for _, _, steps in models]
+    return [{"model": model, "description": description, "seconds": m.seconds,
+             "ratios": m.ratios, "rounds": m.rounds, "attempts": m.attempts}
+            for (model, description, _), m in zip(models, measure_groups(groups, timing, PASSES))]

@@ -5,10 +5,10 @@ and a small CNN's training step.
     python -m fastrelu._torch_bench [--quick] [--sections crossover,ops,cnn] [--threads N]
                                     [--rounds N] [--json PATH]
 
-Every comparison runs interleaved: each round times the native and the converted module back to
-back (alternating which goes first), each as the median of its calls in the round, and the
-figure reported is the median over rounds of the per-round ratio, so that load on a shared
-machine hits both sides alike.
+Every comparison runs interleaved: the native and the converted module are timed in alternating
+slices of about 10 ms (at least 3 calls; which goes first alternates too), each slice the median
+of its calls, and the figure reported is the median of the per-slice ratios with their
+interquartile range, so that load and drift on a shared machine hit both sides alike.
 """
 import argparse
 import json
@@ -66,20 +66,29 @@ def time_calls(fn, seconds):
     return statistics.median(times)
 
 
+SLICE = 0.01  # seconds a side is timed before the other: shorter than the machine's drifts
+
+
 def interleaved(native, fast, rounds, seconds):
-    """(median native s/call, median fast s/call, median of per-round native/fast, the spread of
-    those ratios as (min, max))."""
+    """(median native s/call, median fast s/call, median of the per-slice native/fast ratios, the
+    quartiles of those ratios).  Each of `rounds` rounds gives each side `seconds`, in slices of
+    about SLICE seconds (at least 3 calls each) that alternate between the sides, the first side
+    alternating too: the machine's speed moves over seconds, and a slice of one side always
+    has one of the other beside it."""
+    once = max(time_calls(native, 0.0), time_calls(fast, 0.0))
+    slices = rounds * max(1, min(round(seconds / SLICE), int(seconds / (3 * once))))
+    window = rounds * seconds / slices
     t_native, t_fast, ratios = [], [], []
-    for r in range(rounds):
+    for r in range(slices):
         if r % 2:
-            b, a = time_calls(fast, seconds), time_calls(native, seconds)
+            b, a = time_calls(fast, window), time_calls(native, window)
         else:
-            a, b = time_calls(native, seconds), time_calls(fast, seconds)
+            a, b = time_calls(native, window), time_calls(fast, window)
         t_native.append(a)
         t_fast.append(b)
         ratios.append(a / b)
-    return (statistics.median(t_native), statistics.median(t_fast), statistics.median(ratios),
-            (min(ratios), max(ratios)))
+    q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return statistics.median(t_native), statistics.median(t_fast), median, (q1, q3)
 
 
 def op_case(op, shape, dtype, channels_last, rounds, seconds):
@@ -96,7 +105,7 @@ def op_case(op, shape, dtype, channels_last, rounds, seconds):
         return {"error": f"{type(exc).__name__}: {exc}"}
     tn, tf, ratio, spread = interleaved(step_fn(native, x, grad), step_fn(converted, x, grad),
                                         rounds, seconds)
-    return {"native_s": tn, "fastrelu_s": tf, "speedup": ratio, "speedup_range": spread}
+    return {"native_s": tn, "fastrelu_s": tf, "speedup": ratio, "speedup_iqr": spread}
 
 
 def forced(op):
@@ -125,7 +134,7 @@ def crossover(rounds, seconds, out):
                 rows.append(r)
                 out(f"  {op:<10} {n:>8} elements: native {r['native_s'] * 1e6:9.1f} us, "
                     f"fastrelu {r['fastrelu_s'] * 1e6:9.1f} us, ratio {r['speedup']:.2f} "
-                    f"({r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f})")
+                    f"({r['speedup_iqr'][0]:.2f}-{r['speedup_iqr'][1]:.2f})")
         faster_from = None
         for row in reversed(rows):
             if row["speedup"] < 1.0:
@@ -175,7 +184,7 @@ def cnn_case(channels_last, rounds, seconds):
 
     tn, tf, ratio, spread = interleaved(train_step(native), train_step(converted), rounds,
                                         seconds)
-    return {"native_s": tn, "fastrelu_s": tf, "speedup": ratio, "speedup_range": spread}
+    return {"native_s": tn, "fastrelu_s": tf, "speedup": ratio, "speedup_iqr": spread}
 
 
 def machine():
@@ -206,7 +215,7 @@ def ops_section(shapes, rounds, seconds, out):
                         break
                     out(f"{label}: native {r['native_s'] * 1e3:9.3f} ms, fastrelu "
                         f"{r['fastrelu_s'] * 1e3:9.3f} ms, {r['speedup']:5.2f}x "
-                        f"({r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f})")
+                        f"({r['speedup_iqr'][0]:.2f}-{r['speedup_iqr'][1]:.2f})")
     return rows
 
 
@@ -218,7 +227,7 @@ def cnn_section(rounds, seconds, out):
         r = results[layout] = cnn_case(channels_last, rounds, seconds)
         out(f"  {layout:<13}: native {r['native_s'] * 1e3:8.2f} ms, fastrelu "
             f"{r['fastrelu_s'] * 1e3:8.2f} ms, {r['speedup']:.2f}x "
-            f"({r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f})")
+            f"({r['speedup_iqr'][0]:.2f}-{r['speedup_iqr'][1]:.2f})")
     return results
 
 
@@ -253,7 +262,7 @@ def run(sections, quick, rounds, threads, json_path):
     out(f"fastrelu.torch report: {m['cpu']}, {m['simd']}, {m['threads']} torch threads, "
         f"{m['fastrelu_threads']} fastrelu threads, torch {m['torch']}")
     out(f"medians of {rounds} interleaved rounds; ratio = native time / fastrelu time "
-        "(> 1: fastrelu faster), min-max of the per-round ratios in brackets")
+        "(> 1: fastrelu faster), the interquartile range of the per-slice ratios in brackets")
     if "crossover" in sections:
         out("\ncrossover (float32, contiguous, fastrelu forced at every size):")
         results["crossover"] = crossover(rounds, seconds, out)

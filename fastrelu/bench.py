@@ -31,8 +31,9 @@ from ._report import (CHANNELS, EXTRA_PASSES, FASTRELU, PASSES, PRECISION, SPREA
                       VALUE_CASES, Backend, Data, Progress, UsageError, available_memory_bytes,
                       check_threads, cost_ratios, element_count, entries, fastrelu_impls,
                       format_time, human_size, installed, last_level_cache_bytes,
-                      machine_description, measure, op_directions, plot_report, recipe_impls,
-                      report_options, size_plan, sweep, timed, write_json)
+                      machine_description, measure, measure_groups, memory_batches,
+                      op_directions, plot_report, recipe_impls, report_options, size_plan, sweep,
+                      timed, write_json)
 from ._runtime import get_num_threads, set_num_threads
 
 DEFAULT_SIZES = ("1e3", "1e5", "1e6", "stream")
@@ -121,8 +122,8 @@ def value_sweep(ops, dtype, backend, timing, progress):
         d = Data(n, dtype, backend, values=case)
         for name, make in ((FASTRELU, fastrelu_impls), ("numpy", recipe_impls)):
             impls.update({(name, *key, case): fn for key, fn in make(d).items()})
+    groups, labels = [], []
     for op, direction in op_directions(ops):
-        progress.label = f"values {op} {direction}"
         pairs = {}
         for case in VALUE_CASES:
             fast, numpy = (FASTRELU, op, direction, case), ("numpy", op, direction, case)
@@ -131,8 +132,10 @@ def value_sweep(ops, dtype, backend, timing, progress):
             for base in VALUE_BASES.get(case, ()):
                 pairs[(case, f"vs_{base}")] = (fast, (FASTRELU, op, direction, base))
                 pairs[(case, f"numpy_vs_{base}")] = (numpy, ("numpy", op, direction, base))
-        m = measure({key: impls[key] for pair in pairs.values() for key in pair}, pairs, timing)
-        progress()
+        groups.append(({key: impls[key] for pair in pairs.values() for key in pair}, pairs))
+        labels.append(f"values {op} {direction}")
+    measurements = measure_groups(groups, timing, PASSES, progress, labels)
+    for (op, direction), m in zip(op_directions(ops), measurements):
         for case in VALUE_CASES:
             rows.append({"elements": n, "dtype": dtype.name, "op": op, "direction": direction,
                          "case": case, "seconds": m.seconds[(FASTRELU, op, direction, case)],
@@ -202,24 +205,30 @@ def layout_data(shape, channels_last, seed=0):
                                  w=np.full(c, 0.25, np.float32), gw=np.empty(c, np.float32))
 
 
-def layout_comparison(sizes, timing, progress):
+def layout_comparison(sizes, backend, timing, progress):
     """relu, leaky_relu and prelu (axis 1), forward and backward, on channels-last batches
-    against contiguous ones of the same shape, interleaved: [{shape, ratios}] per size."""
+    against contiguous ones of the same shape, interleaved, the sizes that fit in memory together
+    measured in passes over them all: [{shape, ratios}] per size."""
     results = []
-    for n in sizes:
-        shape = (max(1, n // math.prod(LAYOUT_IMAGE)), *LAYOUT_IMAGE)
-        progress.label = f"layout {shape}"
-        impls = {(layout, *key): fn
-                 for layout in ("contiguous", "channels_last")
-                 for key, fn in fastrelu_impls(layout_data(shape, layout == "channels_last"))
-                 .items() if key[0] in LAYOUT_OPS}
-        pairs = {f"{op} {direction}": (("channels_last", op, direction),
-                                       ("contiguous", op, direction))
-                 for _, op, direction in impls if _ == "contiguous"}
-        m = measure(impls, pairs, timing)
-        progress()
-        results.append({"shape": shape, "elements": math.prod(shape), "ratios": m.ratios,
-                        "rounds": m.rounds, "attempts": m.attempts})
+    f32 = np.dtype(np.float32)
+    for batch in memory_batches([(n, f32) for n in sizes], backend):
+        shapes = [(max(1, n // math.prod(LAYOUT_IMAGE)), *LAYOUT_IMAGE) for n, _ in batch]
+        groups = []
+        for shape in shapes:
+            impls = {(layout, *key): fn
+                     for layout in ("contiguous", "channels_last")
+                     for key, fn in fastrelu_impls(layout_data(shape, layout == "channels_last"))
+                     .items() if key[0] in LAYOUT_OPS}
+            pairs = {f"{op} {direction}": (("channels_last", op, direction),
+                                           ("contiguous", op, direction))
+                     for _, op, direction in impls if _ == "contiguous"}
+            groups.append((impls, pairs))
+        measurements = measure_groups(groups, timing, PASSES, progress,
+                                      [f"layout {shape}" for shape in shapes])
+        del groups  # the arrays, before the next batch's
+        results.extend({"shape": shape, "elements": math.prod(shape), "ratios": m.ratios,
+                        "rounds": m.rounds, "attempts": m.attempts}
+                       for shape, m in zip(shapes, measurements))
     return results
 
 
@@ -457,12 +466,12 @@ def run(options, backend, sizes, threads=None):
     first_dtype = sizes[0][1]
     extras = {}
     if not options.quick:
-        extra_steps = (len(op_directions(
-            [op for op in VALUE_SWEEP_OPS if op in ops])) + len(layout_sizes(sizes)) + 1)
+        extra_steps = (len(op_directions([op for op in VALUE_SWEEP_OPS if op in ops])) +
+                       len(layout_sizes(sizes))) * PASSES + 1
         progress = Progress(extra_steps)
         extras["value_sweep"] = value_sweep(ops, first_dtype, backend, timing, progress)
         print_value_sweep(extras["value_sweep"])
-        extras["layout"] = layout_comparison(layout_sizes(sizes), timing, progress)
+        extras["layout"] = layout_comparison(layout_sizes(sizes), backend, timing, progress)
         print_layouts(extras["layout"])
         progress.label = "training steps"
         extras["training_step"] = _step_bench.training_steps(found, timing)

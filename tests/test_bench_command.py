@@ -355,7 +355,7 @@ def test_value_sweep_layouts_and_training_steps(monkeypatch):
         (op, case) for op in ("relu", "leaky_relu") for case in _report.VALUE_CASES}
     assert {s["op"] for s in values["subnormal"]["slowdowns"]} == {"leaky_relu"}
     assert isinstance(values["subnormal"]["penalty"], bool)
-    layouts = bench.layout_comparison([2 * 64 * 16 * 16], FAST, progress)
+    layouts = bench.layout_comparison([2 * 64 * 16 * 16], bench.cpu_backend(), FAST, progress)
     assert layouts[0]["shape"] == (2, 64, 16, 16)
     assert set(layouts[0]["ratios"]) == {f"{op} {d}" for op in bench.LAYOUT_OPS
                                          for d in ("fwd", "bwd")}
