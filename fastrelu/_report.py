@@ -522,8 +522,8 @@ def allocates(impl, op, library):
 
 SPREAD_LIMIT = 0.10  # a ratio whose interquartile range is wider than this share of it is unstable
 PRECISION = 0.02  # a group is measured again while a ratio's median is less certain than this
-EXTRA_PASSES = 8  # passes, at most, added to a group for its precision
-PASSES = 5  # passes of a report's section over all of its groups (see measure_groups)
+EXTRA_ROUNDS = 40  # rounds, at most, added to a group for its precision
+PASSES = 15  # passes of a report's section over all of its groups (see measure_groups)
 
 
 def quartiles(values):
@@ -547,6 +547,7 @@ def spread(summary):
 
 
 BATCH_TIME = 20e-6  # seconds a batch of calls lasts at least: the clock's cost stays under 1%
+WARM_TIME = 0.02  # calls at least this long move more data than the caches hold
 
 
 def calls_per_batch(fn, timing):
@@ -569,23 +570,25 @@ def sample(fn, calls, timing):
     return best
 
 
-def interleaved_samples(impls, timing, calibration):
-    """{key: [seconds per call, one sample per round]}, with `calibration` from calibrate().
+def interleaved_samples(impls, timing, calibration, first_round=0):
+    """{key: [seconds per call, one sample per round]}, with `calibration` from calls_per_batch,
+    the rounds numbered from `first_round` (the group's rounds so far).
 
     Each implementation is sampled once per round, in the group's order in even rounds and the
     reverse in odd ones: two implementations' samples of one round are close in time, so what
     the machine's load does to one it does to the other, and drift cancels over pairs of rounds.
     A sample of short calls is preceded by an untimed call, so that it starts with its own
-    thread pool awake and its own data in cache."""
+    thread pool awake and its own data in cache; so is the first sample of calls shorter than
+    WARM_TIME, whose data may fit in cache, in each call of this (one pass over the group)."""
     started = time.perf_counter()
     keys = list(impls)
     samples = {key: [] for key in keys}
     for r in range(timing.rounds):
         if r >= timing.min_rounds and time.perf_counter() - started > timing.budget:
             break
-        for key in keys if r % 2 == 0 else reversed(keys):
+        for key in keys if (first_round + r) % 2 == 0 else reversed(keys):
             once, calls = calibration[key]
-            if once < timing.min_time:
+            if once < timing.min_time or (r == 0 and once < WARM_TIME):
                 impls[key]()
             samples[key].append(sample(impls[key], calls, timing))
     return samples
@@ -617,10 +620,15 @@ class _Group:
         started = time.perf_counter()
         if self.calibration is None:
             self.calibration = {key: calls_per_batch(fn, timing) for key, fn in self.impls.items()}
-        for key, values in interleaved_samples(self.impls, timing, self.calibration).items():
+        for key, values in interleaved_samples(self.impls, timing, self.calibration,
+                                               self.rounds).items():
             self.samples[key].extend(values)
         self.seconds += time.perf_counter() - started
         self.passes += 1
+
+    @property
+    def rounds(self):
+        return len(next(iter(self.samples.values()), []))
 
     def result(self):
         s = self.samples
@@ -637,30 +645,34 @@ def measure_groups(groups, timing, passes=1, progress=None, labels=None):
     denominator key)}; each is the median of the ratios of all its rounds.  The machine's speed
     drifts over seconds and minutes (frequency, neighbours, the other CPU's work), and ratios
     follow it: rounds spread over the whole run sample every group under the same mixture of
-    conditions, so that two runs agree.  A group with a ratio whose median is less certain than
-    PRECISION (its spread is wide for its rounds) is measured again, up to EXTRA_PASSES more
-    passes and while it has taken less than twice the budget: more rounds, so that a burst of
-    load on the machine is outvoted and the median settles; ratios spread wider than
-    SPREAD_LIMIT are marked unstable.  progress(), when given, is called after each pass over a group,
-    whose label it shows."""
+    conditions, so that two runs agree.  A group that has had its budget and min_rounds sits
+    out the rest of the passes.  A group with a ratio whose median is less certain than PRECISION
+    (its spread is wide for its rounds) is then measured again, up to EXTRA_ROUNDS more rounds
+    and while it has taken less than twice the budget: more rounds, so that a burst of load on the
+    machine is outvoted and the median settles; ratios spread wider than SPREAD_LIMIT are marked
+    unstable.  progress(), when given, is called after each pass over a group (or its place in a
+    pass it sits out), and shows its label."""
     share = dataclasses.replace(timing, rounds=math.ceil(timing.rounds / passes),
                                 min_rounds=math.ceil(timing.min_rounds / passes),
                                 budget=timing.budget / passes)
     state = [_Group(impls, pairs) for impls, pairs in groups]
     labels = labels or [""] * len(state)
 
-    def measure(indices):
+    def measure(indices, main=False):
         for i in indices:
-            if progress is not None:
-                progress.label = labels[i]
-            state[i].measure(share)
+            group = state[i]
+            done = group.seconds >= timing.budget and group.rounds >= timing.min_rounds
+            if not (main and done):
+                if progress is not None:
+                    progress.label = labels[i]
+                group.measure(share)
             if progress is not None:
                 progress()
 
     order = list(range(len(state)))
     for p in range(passes):
-        measure(order if p % 2 == 0 else order[::-1])
-    for _ in range(EXTRA_PASSES):
+        measure(order if p % 2 == 0 else order[::-1], main=True)
+    for _ in range(math.ceil(EXTRA_ROUNDS / share.rounds)):
         again = [i for i in order if state[i].seconds < 2 * timing.budget and
                  max((r["error"] for r in state[i].result().ratios.values()), default=0.0)
                  > PRECISION]
@@ -808,7 +820,7 @@ def sweep(sizes, ops, peers, backend, timing, passes=PASSES):
                                columns))
         all_rows.extend(results)
     print(TABLE_LEGEND.format(library=library, limit=SPREAD_LIMIT, precision=PRECISION,
-                              extra=EXTRA_PASSES))
+                              extra=EXTRA_ROUNDS))
     return all_rows
 
 
@@ -827,7 +839,7 @@ fastrelu's, both writing into preallocated outputs, except for the NumPy recipe 
 PyTorch's PReLU, which allocate their results and are set against fastrelu allocating (*);
 every figure is the median of per-round ratios of interleaved samples, the rounds spread over
 passes across the whole sweep; iqr: the widest interquartile range of the row's ratios, over the
-ratio; !: wider than {limit:.0%}.  A group is measured again (up to {extra} more passes) until
+ratio; !: wider than {limit:.0%}.  A group is measured again (up to {extra} more rounds) until
 each median is known within {precision:.0%}."""
 
 

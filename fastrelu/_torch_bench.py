@@ -261,8 +261,9 @@ def run(sections, quick, rounds, threads, json_path):
     m = results["machine"]
     out(f"fastrelu.torch report: {m['cpu']}, {m['simd']}, {m['threads']} torch threads, "
         f"{m['fastrelu_threads']} fastrelu threads, torch {m['torch']}")
-    out(f"medians of {rounds} interleaved rounds; ratio = native time / fastrelu time "
-        "(> 1: fastrelu faster), the interquartile range of the per-slice ratios in brackets")
+    out(f"{rounds} rounds, each side timed in alternating slices of about {SLICE * 1e3:g} ms; "
+        "ratio = median of the per-slice native time / fastrelu time (> 1: fastrelu faster), "
+        "their interquartile range in brackets")
     if "crossover" in sections:
         out("\ncrossover (float32, contiguous, fastrelu forced at every size):")
         results["crossover"] = crossover(rounds, seconds, out)

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import _cpu, _step_bench
 from ._api import prelu, prelu_backward
-from ._report import (CHANNELS, EXTRA_PASSES, FASTRELU, PASSES, PRECISION, SPREAD_LIMIT,
+from ._report import (CHANNELS, EXTRA_ROUNDS, FASTRELU, PASSES, PRECISION, SPREAD_LIMIT,
                       VALUE_CASES, Backend, Data, Progress, UsageError, available_memory_bytes,
                       check_threads, cost_ratios, element_count, entries, fastrelu_impls,
                       format_time, human_size, installed, last_level_cache_bytes,
@@ -492,7 +492,7 @@ def run(options, backend, sizes, threads=None):
             "method": {"rounds": timing.rounds, "min_rounds": timing.min_rounds,
                        "sample_seconds": timing.min_time, "group_budget_seconds": timing.budget,
                        "passes": PASSES, "spread_limit": SPREAD_LIMIT, "precision": PRECISION,
-                       "extra_passes": EXTRA_PASSES},
+                       "extra_rounds": EXTRA_ROUNDS},
             "rows": all_rows, "cost_ratios": ratios, **extras})
     if options.plot is not None:
         panels = [plot_values(extras["value_sweep"]), plot_steps(extras["training_step"])] \

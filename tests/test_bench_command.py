@@ -3,6 +3,7 @@ every bad option is refused on one line, with exit status 2, before anything is 
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -257,7 +258,7 @@ def test_unstable_groups_are_measured_again_and_marked():
     noisy = fake_clock(lambda fn, k: 1e-3 * (1 + k % 3 if fn is a else 1))  # a/b from 1 to 3
     timing = _report.Timing(rounds=6, min_rounds=6, min_time=0.0, budget=10.0, timer=noisy)
     m = _report.measure({"a": a, "b": b}, {"a/b": ("a", "b")}, timing)
-    assert m.attempts == 1 + _report.EXTRA_PASSES and m.ratios["a/b"]["unstable"]
+    assert m.attempts == 1 + math.ceil(_report.EXTRA_ROUNDS / 6) and m.ratios["a/b"]["unstable"]
     steady = fake_clock(lambda fn, k: 1e-3)
     timing = dataclasses.replace(timing, timer=steady)
     m = _report.measure({"a": a, "b": b}, {"a/b": ("a", "b")}, timing)
@@ -287,6 +288,21 @@ def test_passes_spread_each_groups_rounds_over_the_sweep():
     assert len(timed) == 2 + 3 * 4
     passes = "".join("x" if name in "ab" else "y" for name in log)
     assert passes == "xx" + "xxxx" + "yy" + "yyyy" + "yyyy" + "xxxx" + "xxxx" + "yyyy"
+
+
+def test_sample_order_alternates_across_passes_of_one_round():
+    """A round a pass: the group's order still alternates from round to round, so that drift
+    within a round cancels over pairs of rounds."""
+    log = []
+    a, b = (lambda: None), (lambda: None)
+
+    def timer(fn, calls=1):
+        log.append("a" if fn is a else "b")
+        return 1e-3
+
+    timing = _report.Timing(rounds=4, min_rounds=4, min_time=0.0, budget=10.0, timer=timer)
+    (m,) = _report.measure_groups([({"a": a, "b": b}, {"a/b": ("a", "b")})], timing, passes=4)
+    assert m.rounds == 4 and "".join(log[2:]) == "ab" "ba" "ab" "ba"
 
 
 def test_sizes_that_fit_together_are_measured_together():
