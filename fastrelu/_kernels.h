@@ -285,7 +285,6 @@ static const char *fr_isa_name(void) { return fr_isa_in_use->name; }
 #define FR_STAGE_MAX 4096
 #define FR_STAGE_ROWS 5
 
-
 static size_t fr_itemsize(int dt) { return dt == FR_F16 || dt == FR_BF16 ? 2 : dt == FR_F32 ? 4 : 8; }
 
 /* Element c of parameters in the compute type: float, or double for float64. */

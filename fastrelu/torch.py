@@ -567,7 +567,8 @@ class _Tracked:
             if limit == _NEVER or input.numel() < limit:
                 return self._native(input)
         kind = self._kind
-        if not self.track_stats and (not isinstance(input, Tensor) or _below_crossover(kind, input)):
+        if not self.track_stats and (not isinstance(input, Tensor) or
+                                     _below_crossover(kind, input)):
             return super().forward(input)  # the torch module's own
         param = 0.0 if self._param_name is None else _number(getattr(self, self._param_name))
         weight = self.weight if kind is _PRELU else None
