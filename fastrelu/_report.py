@@ -638,6 +638,12 @@ class _Group:
                            rounds=len(next(iter(s.values()))), attempts=self.passes)
 
 
+def pass_count(timing, passes=PASSES):
+    """The passes a section makes: `passes`, but no more than the rounds (a pass takes one at
+    least)."""
+    return max(1, min(passes, timing.rounds))
+
+
 def measure_groups(groups, timing, passes=1, progress=None, labels=None):
     """Measures each group of `groups`, [(impls, pairs)], in `passes` passes over all of them
     (forward, then backward, and so on), each pass a share of the group's rounds and budget, and
@@ -650,8 +656,9 @@ def measure_groups(groups, timing, passes=1, progress=None, labels=None):
     (its spread is wide for its rounds) is then measured again, up to EXTRA_ROUNDS more rounds
     and while it has taken less than twice the budget: more rounds, so that a burst of load on the
     machine is outvoted and the median settles; ratios spread wider than SPREAD_LIMIT are marked
-    unstable.  progress(), when given, is called after each pass over a group (or its place in a
-    pass it sits out), and shows its label."""
+    unstable.  progress(), when given, is called after each of the `passes` passes over a group
+    (or its place in a pass it sits out), and shows its label."""
+    passes = pass_count(timing, passes)
     share = dataclasses.replace(timing, rounds=math.ceil(timing.rounds / passes),
                                 min_rounds=math.ceil(timing.min_rounds / passes),
                                 budget=timing.budget / passes)
@@ -666,7 +673,7 @@ def measure_groups(groups, timing, passes=1, progress=None, labels=None):
                 if progress is not None:
                     progress.label = labels[i]
                 group.measure(share)
-            if progress is not None:
+            if progress is not None and main:
                 progress()
 
     order = list(range(len(state)))
@@ -806,7 +813,8 @@ def sweep(sizes, ops, peers, backend, timing, passes=PASSES):
     sizes that fit in memory together measured in `passes` passes over them all, and prints each
     size's table; returns all the rows."""
     library = backend.xp.__name__
-    progress = Progress(len(sizes) * len(op_directions(ops)) * 2 * passes)  # two groups a row
+    progress = Progress(len(sizes) * len(op_directions(ops)) * 2 *  # two groups a row
+                        pass_count(timing, passes))
     columns = [library, f"{library}-maximum", *peers]
     cache_name, cache = backend.cache
     all_rows = []

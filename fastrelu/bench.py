@@ -32,8 +32,8 @@ from ._report import (CHANNELS, EXTRA_ROUNDS, FASTRELU, PASSES, PRECISION, SPREA
                       check_threads, cost_ratios, element_count, entries, fastrelu_impls,
                       format_time, human_size, installed, last_level_cache_bytes,
                       machine_description, measure, measure_groups, memory_batches,
-                      op_directions, plot_report, recipe_impls, report_options, size_plan, sweep,
-                      timed, write_json)
+                      op_directions, pass_count, plot_report, recipe_impls, report_options,
+                      size_plan, sweep, timed, write_json)
 from ._runtime import get_num_threads, set_num_threads
 
 DEFAULT_SIZES = ("1e3", "1e5", "1e6", "stream")
@@ -453,8 +453,8 @@ def run(options, backend, sizes, threads=None):
     print("peers: " + (", ".join(f"{k} {v}" for k, v in found.items()) or "none") +
           (f" (not installed: {', '.join(missing)})" if missing else "") +
           f"; interleaved rounds ({timing.rounds}, or {timing.min_rounds} for slow groups, in "
-          f"{PASSES} passes over the sweep) of samples of {timing.min_time * 1e3:g} ms or more, "
-          "medians of per-round ratios")
+          f"{pass_count(timing)} passes over the sweep) of samples of "
+          f"{timing.min_time * 1e3:g} ms or more, medians of per-round ratios")
     if any(dt.itemsize == 2 for _, dt in sizes):
         print("float16 and bfloat16: the NumPy recipe computes in float32 and casts back; "
               "numexpr has no bfloat16")
@@ -467,7 +467,7 @@ def run(options, backend, sizes, threads=None):
     extras = {}
     if not options.quick:
         extra_steps = (len(op_directions([op for op in VALUE_SWEEP_OPS if op in ops])) +
-                       len(layout_sizes(sizes))) * PASSES + 1
+                       len(layout_sizes(sizes))) * pass_count(timing) + 1
         progress = Progress(extra_steps)
         extras["value_sweep"] = value_sweep(ops, first_dtype, backend, timing, progress)
         print_value_sweep(extras["value_sweep"])
@@ -491,7 +491,7 @@ def run(options, backend, sizes, threads=None):
                                                                   "after": after},
             "method": {"rounds": timing.rounds, "min_rounds": timing.min_rounds,
                        "sample_seconds": timing.min_time, "group_budget_seconds": timing.budget,
-                       "passes": PASSES, "spread_limit": SPREAD_LIMIT, "precision": PRECISION,
+                       "passes": pass_count(timing), "spread_limit": SPREAD_LIMIT, "precision": PRECISION,
                        "extra_rounds": EXTRA_ROUNDS},
             "rows": all_rows, "cost_ratios": ratios, **extras})
     if options.plot is not None:

@@ -305,6 +305,13 @@ def test_sample_order_alternates_across_passes_of_one_round():
     assert m.rounds == 4 and "".join(log[2:]) == "ab" "ba" "ab" "ba"
 
 
+def test_no_more_passes_than_rounds():
+    timing = _report.Timing(rounds=2, min_rounds=1, min_time=0.0, budget=10.0,
+                            timer=lambda fn, calls=1: 1e-3)
+    (m,) = _report.measure_groups([({"a": lambda: None}, {})], timing, passes=15)
+    assert (m.rounds, m.attempts) == (2, 2)
+
+
 def test_sizes_that_fit_together_are_measured_together():
     f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
     per_element = _report.LIVE_ARRAYS / _report.MEMORY_SHARE
