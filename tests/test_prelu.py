@@ -337,3 +337,21 @@ def test_weight_grad_over_1e8_elements():
              for i in range(0, rows, block)]
     exact = np.array([math.fsum(p[c] for p in parts) for c in range(C)])
     assert np.max(np.abs(dw / exact - 1)) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("shape", [(3001, 7), (4000, 100), (517, 13), (200, 64, 7, 7),
+                                   (90, 64, 4, 4), (5, 17), (2000, 300)])
+def test_half_weight_grads_round_the_exact_sum_once(dtype_name, shape):
+    """16-bit data is staged in whole rows, its sums gathered in blocks of rows: the weight
+    gradient is the exact sum rounded once to the dtype (half an ulp), dx the contract's."""
+    dtype = np.dtype(np.float16) if dtype_name == "float16" else \
+        np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    x, g = (a.astype(dtype) for a in cancelling(shape, 7))
+    w = np.full(shape[1], 0.25, dtype)
+    dx, dw = fastrelu.prelu_backward(g, x, w, 1)
+    exact = exact_weight_grad(g.astype(np.float32), x.astype(np.float32), 1)
+    half_ulp = 2.0 ** -(np.finfo(np.float16).nmant + 1 if dtype_name == "float16" else 8)
+    assert np.max(np.abs(dw.astype(np.float64) / exact - 1)) <= half_ulp
+    xf, gf = x.astype(np.float32), g.astype(np.float32)
+    assert_bitwise(dx, np.where(xf > 0, gf, gf * np.float32(0.25)).astype(dtype))
