@@ -281,7 +281,7 @@ static const char *fr_isa_name(void) { return fr_isa_in_use->name; }
 
 #define FR_STAGE 1024 /* elements per staged step (float16, streamed outputs): buffers in L1 */
 /* Rows with sums are staged in whole rows, FR_STAGE_ROWS or more a stage (up to FR_STAGE_MAX
- * elements), so that the loops gather their sums in blocks of rows there too. */
+ * elements), so that the forward loops count statistics in blocks of rows there too. */
 #define FR_STAGE_MAX 4096
 #define FR_STAGE_ROWS 5
 
@@ -298,8 +298,17 @@ static void fr_store(int dt, void *a, ptrdiff_t c, double v) {
         ((double *)a)[c] = v;
     else if (dt == FR_F32)
         ((float *)a)[c] = (float)v;
-    else if (dt == FR_BF16) { /* through float32, as the sums of bfloat16 data are kept */
-        const float f = (float)v;
+    else if (dt == FR_BF16) {
+        /* rounded once: to float32 by rounding to odd (toward zero, the last bit set when
+         * inexact), which keeps the bits that decide bfloat16's rounding to nearest even */
+        float f = (float)v;
+        if (f - f == 0 && (double)f != v) {
+            uint32_t u;
+            memcpy(&u, &f, sizeof u);
+            if (fabs((double)f) > fabs(v)) u -= 1;
+            u |= 1;
+            memcpy(&f, &u, sizeof f);
+        }
         fr_float_to_bf16_baseline(&f, (uint16_t *)a + c, 1);
     } else
         ((_Float16 *)a)[c] = (_Float16)v;

@@ -173,53 +173,10 @@ static FR_INLINE void FR_FN(fwd_rows_t)(int op, const FR_T *x, FR_T *y, ptrdiff_
     }
 }
 
-/* Backward sums per column are gathered over a block in pairs (s, c) of the compute type, added
- * into the float64 sums once per block: no term is widened to float64 (the conversions, not the
- * memory traffic, are what made float64 accumulation slow).  s + c carries
- * the block's sum: s its rounded value, c the rounding errors, each recovered exactly (two-sum).
- * A float32 product v*g enters as its rounded value and the rounding error an FMA recovers, so
- * the block sums the exact products, as float64 products did; it is scaled by 2^64 first (exact)
- * so that products down to 2^-164 keep their error above float32's subnormal range.  float64
- * products are the contract's rounded ones.  A block whose pair overflowed, or met an infinity or
- * NaN, is summed again column by column in float64, as the contract's sum is written. */
-/* The rounding error of p = a * b: exact for float32 (unless the product leaves the normal
- * range); 0 for float64, whose sums take the rounded product. */
-static FR_INLINE FR_T FR_FN(product_error)(FR_T a, FR_T b, FR_T p) {
-    if (sizeof(FR_T) != sizeof(float)) return 0;
-#ifdef __FMA__
-    return __builtin_fmaf(a, b, -p);
-#else
-    return (FR_T)((double)a * (double)b - (double)p); /* the product is exact in float64 */
-#endif
-}
-
-/* (s, c) += t + e: s takes the rounded sum, c its exact rounding error (two-sum) and e. */
-static FR_INLINE void FR_FN(add_compensated)(FR_T *s, FR_T *c, FR_T t, FR_T e) {
-    const FR_T sum = *s + t, t_part = sum - *s;
-    *c += ((*s - (sum - t_part)) + (t - t_part)) + e;
-    *s = sum;
-}
-
-static FR_INLINE int FR_FN(finite_pair)(FR_T s, FR_T c) { return s - s == 0 && c - c == 0; }
-
-/* One column's sum over the block in float64, term by term (the pair was not finite). */
-static FR_INLINE double FR_FN(column_sum)(int op, const FR_T *g, const FR_T *x, ptrdiff_t rows,
-                                         ptrdiff_t L, FR_T w, FR_T b, int sum, int of_dx) {
-    double total = 0.0;
-    for (ptrdiff_t r = 0; r < rows; r++) {
-        FR_T v = x[r * L], gr = g[r * L];
-        if (sum == FR_SUM_BIAS_WEIGHT) v = v + b;
-        if (of_dx)
-            total += FR_DX(op, v, gr, w, FR_T, FR_EXP);
-        else
-            total += v > 0 ? 0.0 : (double)v * (double)gr;
-    }
-    return total;
-}
-
-/* A stretch of at most one row, each term added straight into the float64 sums: for the few
- * elements of a partial row (the ends of a call or of a stage) or a short call, where a block's
- * pairs would cost more to set up and fold than they save. */
+/* At most one row, each term added straight into the float64 sums: a float32 product is exact
+ * in float64, so the sums are the contract's (the sum of the exact products in float64, rounded
+ * once at the end).  Compensated float32 pairs were faster in cache but lost low bits of their
+ * error term when terms cancelled. */
 static FR_INLINE void FR_FN(bwd_row_t)(int op, const FR_T *g, const FR_T *x, FR_T *dx,
                                       ptrdiff_t n, const FR_T *pw, const FR_T *pb, double *sums,
                                       double *bias_sums, int sum) {
@@ -235,60 +192,6 @@ static FR_INLINE void FR_FN(bwd_row_t)(int op, const FR_T *g, const FR_T *x, FR_
     }
 }
 
-/* `rows` rows of J <= FR_TILE columns, `L` apart; pw, pb and the sums start at the first. */
-static FR_INLINE void FR_FN(bwd_block_t)(int op, const FR_T *g, const FR_T *x, FR_T *dx,
-                                        ptrdiff_t rows, ptrdiff_t J, ptrdiff_t L, const FR_T *pw,
-                                        const FR_T *pb, double *sums, double *bias_sums,
-                                        int sum) {
-    FR_T s[FR_TILE], c[FR_TILE], bs[FR_TILE], bc[FR_TILE], held[FR_TILE];
-    /* dx over x or g (one row, see bwd_rows_t): held back until a sum taken again has read them */
-    const int hold = sum != FR_SUM_NONE && ((const FR_T *)dx == x || (const FR_T *)dx == g);
-    const FR_T scale = FR_SUMS_WEIGHT(sum) && sizeof(FR_T) == sizeof(float) ? (FR_T)0x1p64 : 1;
-    if (sum != FR_SUM_NONE)
-        for (ptrdiff_t j = 0; j < J; j++) s[j] = c[j] = 0;
-    if (sum == FR_SUM_BIAS_WEIGHT)
-        for (ptrdiff_t j = 0; j < J; j++) bs[j] = bc[j] = 0;
-    for (ptrdiff_t r = 0; r < rows; r++) {
-        const FR_T *xr = x + r * L, *gr = g + r * L;
-        FR_T *dr = hold ? held : dx + r * L;
-#pragma omp simd
-        for (ptrdiff_t j = 0; j < J; j++) {
-            FR_T v = xr[j], gj = gr[j];
-            if (sum == FR_SUM_BIAS_WEIGHT) v = v + pb[j];
-            FR_T d = FR_DX(op, v, gj, pw[j], FR_T, FR_EXP);
-            dr[j] = d;
-            if (FR_SUMS_WEIGHT(sum)) {
-                const FR_T vs = v * scale, p = vs * gj, e = FR_FN(product_error)(vs, gj, p);
-                FR_FN(add_compensated)(&s[j], &c[j], v > 0 ? 0 : p, v > 0 ? 0 : e);
-            }
-            if (sum == FR_SUM_GRAD) FR_FN(add_compensated)(&s[j], &c[j], d, 0);
-            if (sum == FR_SUM_BIAS_WEIGHT) FR_FN(add_compensated)(&bs[j], &bc[j], d, 0);
-        }
-    }
-    if (sum == FR_SUM_NONE) return;
-    const double unscale = 1.0 / (double)scale;
-    int bad = 0;
-#pragma omp simd reduction(| : bad)
-    for (ptrdiff_t j = 0; j < J; j++) {
-        const int ok = FR_FN(finite_pair)(s[j], c[j]);
-        sums[j] += ok ? ((double)s[j] + (double)c[j]) * unscale : 0.0;
-        bad |= !ok;
-        if (sum == FR_SUM_BIAS_WEIGHT) {
-            const int bias_ok = FR_FN(finite_pair)(bs[j], bc[j]);
-            bias_sums[j] += bias_ok ? (double)bs[j] + (double)bc[j] : 0.0;
-            bad |= !bias_ok;
-        }
-    }
-    for (ptrdiff_t j = 0; bad && j < J; j++) {
-        const FR_T w = pw[j], b = pb ? pb[j] : 0;
-        if (!FR_FN(finite_pair)(s[j], c[j]))
-            sums[j] += FR_FN(column_sum)(op, g + j, x + j, rows, L, w, b, sum, sum == FR_SUM_GRAD);
-        if (sum == FR_SUM_BIAS_WEIGHT && !FR_FN(finite_pair)(bs[j], bc[j]))
-            bias_sums[j] += FR_FN(column_sum)(op, g + j, x + j, rows, L, w, b, sum, 1);
-    }
-    if (hold) memcpy(dx, held, (size_t)J * sizeof(FR_T));
-}
-
 static FR_INLINE void FR_FN(bwd_rows_t)(int op, const FR_T *g, const FR_T *x, FR_T *dx,
                                        ptrdiff_t n, ptrdiff_t L, ptrdiff_t j0, const FR_T *pw,
                                        const FR_T *pb, double *sums, double *bias_sums, int sum) {
@@ -298,19 +201,6 @@ static FR_INLINE void FR_FN(bwd_rows_t)(int op, const FR_T *g, const FR_T *x, FR
         FR_FN(bwd_row_t)(op, g, x, dx, k, pw + j0, pb ? pb + j0 : NULL, sums ? sums + j0 : NULL,
                          bias_sums ? bias_sums + j0 : NULL, sum);
     }
-    /* dx written over x or g (in place): one row a block, so that a block summed again in
-     * float64 still finds its inputs */
-    const ptrdiff_t most = (const FR_T *)dx == x || (const FR_T *)dx == g ? 1 : FR_BLOCK_ROWS;
-    if (sum != FR_SUM_NONE && n - k >= FR_MIN_BLOCK_ROWS * L)
-        for (ptrdiff_t rows; n - k >= L; k += rows * L) {
-            rows = (n - k) / L < most ? (n - k) / L : most;
-            for (ptrdiff_t t = 0, J; t < L; t += J) {
-                J = L - t < FR_TILE ? L - t : FR_TILE;
-                FR_FN(bwd_block_t)(op, g + k + t, x + k + t, dx + k + t, rows, J, L, pw + t,
-                                   pb ? pb + t : NULL, sums + t, bias_sums ? bias_sums + t : NULL,
-                                   sum);
-            }
-        }
     for (ptrdiff_t len; k < n; k += len) {
         len = L < n - k ? L : n - k;
         FR_FN(bwd_row_t)(op, g + k, x + k, dx + k, len, pw, pb, sums, bias_sums, sum);

@@ -90,11 +90,15 @@ def _units(x):
 class _Kind:
     """One activation: its kernels in fastrelu's API and which tensor its backward reads."""
 
-    def __init__(self, name, forward, backward, saves_output):
+    def __init__(self, name, forward, backward, saves_output, inplace_ok):
         self.name = name
         self.forward = forward  # (x, param or weight, out, stats) on arrays
-        self.backward = backward  # (grad, saved, param, out) on arrays; None for PReLU's two
-        self.saves_output = saves_output  # param -> whether backward reads the output
+        # (grad, saved, param, from_output, out) on arrays; None for PReLU's two
+        self.backward = backward
+        # param -> whether an out-of-place backward reads the output (exactly as from the input)
+        self.saves_output = saves_output
+        # param -> whether a backward can read the output at all: what an in-place forward leaves
+        self.inplace_ok = inplace_ok
 
     def run(self, x, param, weight, out=None, want_counts=False):
         """Forward on tensors: (y, ActivationStats or None); y is `out` when given."""
@@ -104,10 +108,10 @@ class _Kind:
         result = self.forward(xa, param if weight is None else _array(weight), ya, want_counts)
         return y, (result[1] if want_counts else None)
 
-    def run_backward(self, grad, saved, param):
-        """dL/dx on tensors, from the tensor the forward saved (x or y)."""
+    def run_backward(self, grad, saved, param, from_output):
+        """dL/dx on tensors, from the tensor the forward saved (x, or y with from_output)."""
         dx = torch.empty_like(saved)
-        self.backward(_array(grad), _array(saved), param, _array(dx))
+        self.backward(_array(grad), _array(saved), param, from_output, _array(dx))
         return dx
 
 
@@ -121,23 +125,26 @@ def _prelu_backward_kernel(grad, x, weight):
 _RELU = _Kind(
     "relu",
     lambda x, p, out, stats: fastrelu.relu(x, out=out, stats=stats),
-    lambda g, t, p, out: fastrelu.relu_backward(g, t, out=out),
-    lambda p: True)
+    lambda g, t, p, from_output, out: fastrelu.relu_backward(g, t, out=out),
+    lambda p: True, lambda p: True)
 _LEAKY = _Kind(
     "leaky_relu",
     lambda x, p, out, stats: fastrelu.leaky_relu(x, p, out=out, stats=stats),
-    lambda g, t, p, out: fastrelu.leaky_relu_backward(g, t, p, out=out),
-    lambda p: p >= 0)
+    lambda g, t, p, from_output, out: fastrelu.leaky_relu_backward(g, t, p, out=out),
+    lambda p: p >= 0, lambda p: p >= 0)
 _ELU = _Kind(
     "elu",
     lambda x, p, out, stats: fastrelu.elu(x, p, out=out, stats=stats),
-    # the output tells the sign of x when alpha >= 0, and then the gradient is g * (y + alpha)
-    lambda g, t, p, out: fastrelu.elu_backward(g, t, p, out=out, from_output=p >= 0),
-    lambda p: p >= 0)
+    lambda g, t, p, from_output, out: fastrelu.elu_backward(g, t, p, out=out,
+                                                            from_output=from_output),
+    # as in PyTorch, the gradient comes from the input (alpha * exp(x): accurate), and from the
+    # output (y + alpha, which cancels for x well below 0) only after an in-place forward with
+    # alpha >= 0, where the output still tells the sign of x
+    lambda p: False, lambda p: p >= 0)
 _PRELU = _Kind(
     "prelu",
     lambda x, w, out, stats: fastrelu.prelu(x, w, 1, out=out, stats=stats),
-    None, lambda p: False)
+    None, lambda p: False, lambda p: False)
 
 # PyTorch's words where an in-place forward overwrote the input its backward would need
 _INPLACE_REFUSAL = {
@@ -176,17 +183,17 @@ def _counts_tensor(stats):
 
 
 def _relu_backward_impl(grad, output):
-    return _RELU.run_backward(grad, output, 0.0)
+    return _RELU.run_backward(grad, output, 0.0, True)
 
 
 def _leaky_backward_impl(grad, saved, negative_slope):
-    return _LEAKY.run_backward(grad, saved, negative_slope)
+    return _LEAKY.run_backward(grad, saved, negative_slope, negative_slope >= 0)
 
 
 def _elu_backward_impl(grad, saved, alpha, is_result):
-    if is_result != (alpha >= 0):
-        raise ValueError("elu_backward reads the output exactly when alpha >= 0")
-    return _ELU.run_backward(grad, saved, alpha)
+    if is_result and alpha < 0:
+        raise ValueError("elu_backward reads the output only when alpha >= 0")
+    return _ELU.run_backward(grad, saved, alpha, is_result)
 
 
 _relu_backward_op = _define("relu_backward", "(Tensor grad, Tensor output) -> Tensor",
@@ -207,14 +214,20 @@ def _save_inputs_and_params(ctx, inputs, output):
     ctx.params = inputs[2:]
 
 
+def _zero_grad(ctx, tensor, index):
+    """The gradient of a backward w.r.t. a saved tensor it reads only for a sign: zero, as
+    PyTorch's formulas give it (None would leave that tensor out of the graph)."""
+    return torch.zeros_like(tensor) if ctx.needs_input_grad[index] else None
+
+
 def _relu_backward_grad(ctx, gg):
     _, output = ctx.saved_tensors
-    return _relu_backward_op(gg, output), None
+    return _relu_backward_op(gg, output), _zero_grad(ctx, output, 1)
 
 
 def _leaky_backward_grad(ctx, gg):
     _, saved = ctx.saved_tensors
-    return _leaky_backward_op(gg, saved, *ctx.params), None, None
+    return _leaky_backward_op(gg, saved, *ctx.params), _zero_grad(ctx, saved, 1), None
 
 
 def _elu_backward_grad(ctx, gg):
@@ -254,6 +267,8 @@ def _prelu_backward_grad(ctx, ggx, ggw):
         from_ggw = torch.where(negative, x * ggw_b, zero)
         d_grad = from_ggw if d_grad is None else d_grad + from_ggw
         d_x = torch.where(negative, grad * ggw_b, zero)
+    if d_x is None:
+        d_x = _zero_grad(ctx, x, 1)
     return d_grad, d_x, d_weight
 
 
@@ -271,13 +286,13 @@ def _save_prelu_backward(ctx, inputs, output):
 _prelu_backward_op.register_autograd(_prelu_backward_grad, setup_context=_save_prelu_backward)
 
 
-def _elementwise_backward(kind, grad, saved, param):
+def _elementwise_backward(kind, grad, saved, param, from_output):
     """The gradient op for `kind`, differentiable (the custom op)."""
     if kind is _RELU:
         return _relu_backward_op(grad, saved)
     if kind is _LEAKY:
         return _leaky_backward_op(grad, saved, param)
-    return _elu_backward_op(grad, saved, param, param >= 0)
+    return _elu_backward_op(grad, saved, param, from_output)
 
 
 # forward ops, with and without the positive counts of the statistics
@@ -320,14 +335,15 @@ def _define_forward(kind, params):
             ctx.save_for_backward(*inputs)
             return
         ctx.param = inputs[1] if len(inputs) > 1 else 0.0
-        ctx.save_for_backward(y if kind.saves_output(ctx.param) else inputs[0])
+        ctx.from_output = kind.saves_output(ctx.param)
+        ctx.save_for_backward(y if ctx.from_output else inputs[0])
 
     def backward(ctx, grad, *counts_grad):
         if kind is _PRELU:
             x, w = ctx.saved_tensors
             return _prelu_backward_op(grad, x, w)
         (saved,) = ctx.saved_tensors
-        dx = _elementwise_backward(kind, grad, saved, ctx.param)
+        dx = _elementwise_backward(kind, grad, saved, ctx.param, ctx.from_output)
         return (dx,) + (None,) * len(params)
 
     op.register_autograd(backward, setup_context=setup_context)
@@ -353,6 +369,8 @@ def _traced(kind, x, param, weight, inplace, want_counts):
     if inplace and not want_counts and not needs_grad:
         inplace_op(*args)
         return x, None
+    if inplace and needs_grad and not kind.saves_output(param) and kind.inplace_ok(param):
+        args = (x.clone(),) + args[1:]  # the op saves its input, which the copy overwrites
     if want_counts:
         y, counts = counting(*args)
     else:
@@ -376,12 +394,13 @@ class _EagerActivation(torch.autograd.Function):
         if stats_sink is not None:
             stats_sink.append(stats)
         ctx.kind, ctx.param = kind, param
-        ctx.overwritten = False
+        ctx.overwritten = ctx.from_output = False
         if inplace:
             ctx.mark_dirty(x)
         if kind is _PRELU:
             ctx.save_for_backward(x, weight)
-        elif kind.saves_output(param):
+        elif kind.saves_output(param) or (inplace and kind.inplace_ok(param)):
+            ctx.from_output = True
             ctx.save_for_backward(y)
         elif inplace:
             ctx.overwritten = True
@@ -402,9 +421,9 @@ class _EagerActivation(torch.autograd.Function):
             return dx, dw, None, None, None, None
         (saved,) = ctx.saved_tensors
         if differentiable:
-            dx = _elementwise_backward(kind, grad, saved, ctx.param)
+            dx = _elementwise_backward(kind, grad, saved, ctx.param, ctx.from_output)
         else:
-            dx = kind.run_backward(grad, saved, ctx.param)
+            dx = kind.run_backward(grad, saved, ctx.param, ctx.from_output)
         return dx, None, None, None, None, None
 
 

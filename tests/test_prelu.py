@@ -355,3 +355,50 @@ def test_half_weight_grads_round_the_exact_sum_once(dtype_name, shape):
     assert np.max(np.abs(dw.astype(np.float64) / exact - 1)) <= half_ulp
     xf, gf = x.astype(np.float32), g.astype(np.float32)
     assert_bitwise(dx, np.where(xf > 0, gf, gf * np.float32(0.25)).astype(dtype))
+
+
+# Columns whose terms cancel down to bits below float32's precision at their largest partial
+# sum: a sum kept in float32 (even a compensated pair) loses them, the float64 sum keeps them.
+# Each column of g: the terms; x = -1 turns them into products -g; want: their exact sum.
+CANCELLING_COLUMNS = [
+    ([-2.0 ** 25, -1, -2.0 ** -24, -2.0 ** -24, 2.0 ** 25], 1 + 2.0 ** -23),
+    ([-2.0 ** 25, -1, -2.0 ** -24, 2.0 ** 25, 1], 2.0 ** -24),
+]
+
+
+@pytest.mark.parametrize("terms,want", CANCELLING_COLUMNS)
+@pytest.mark.parametrize("width", [256, 300, 1])
+def test_weight_and_bias_grads_keep_cancelled_bits(terms, want, width):
+    """By hand: the weight gradient of PReLU, the bias gradient of bias_activation and both
+    gradients of bias_prelu are the float64 sums of their terms, rounded once."""
+    rows = len(terms)
+    g = np.zeros((rows, width), np.float32)
+    g[:, 0] = terms
+    x = -np.ones((rows, width), np.float32)
+    for layout in (lambda a: a, lambda a: np.asfortranarray(a)):
+        gl, xl = layout(g), layout(x)
+        _, dw = fastrelu.prelu_backward(gl, xl, np.full(width, 0.25, np.float32), 1)
+        assert dw[0] == np.float32(want)
+        # bias gradient = sum of g over rows where y > 0 (all of them here)
+        _, db = fastrelu.bias_activation_backward(gl, -xl, "relu", axis=1)
+        assert db[0] == np.float32(-want)
+        _, db, dw = fastrelu.bias_prelu_backward(gl, xl, np.zeros(width, np.float32),
+                                                 np.full(width, 0.25, np.float32), 1)
+        assert dw[0] == np.float32(want) and db[0] == np.float32(-0.25 * want)
+
+
+def test_bfloat16_weight_grad_rounds_from_float64_once():
+    """1 + 2^-8 + 2^-30 is just above half way between bfloat16's 1 and 1 + 2^-7: rounded once
+    it goes up; through float32 first (1 + 2^-8, a tie) it would round to even, down to 1."""
+    bf16 = pytest.importorskip("ml_dtypes").bfloat16
+    g = np.zeros((3, 2), bf16)
+    g[:, 0] = [-1, -2.0 ** -8, -2.0 ** -30]
+    x = -np.ones((3, 2), bf16)
+    for weight in (np.full(2, 0.25, bf16), np.full(1, 0.25, bf16)):
+        _, dw = fastrelu.prelu_backward(g, x, weight, 1)
+        assert float(dw[0]) == 1 + 2.0 ** -7  # per channel and shared alike
+    f16 = np.float16
+    g16 = np.zeros((3, 2), f16)
+    g16[:, 0] = [-1, -2.0 ** -11, -2.0 ** -24]
+    _, dw = fastrelu.prelu_backward(g16, -np.ones((3, 2), f16), np.full(2, 0.25, f16), 1)
+    assert float(dw[0]) == 1 + 2.0 ** -10
