@@ -243,8 +243,10 @@ def _check_stream(stream, device):
 
 def _real(name, value):
     """A finite Python float from a real number (a 0-d real array is fine)."""
-    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iufV":
         value = value[()]
+    if isinstance(value, np.generic) and value.dtype.kind == "V" and _cpu.is_bfloat16(value.dtype):
+        value = float(value)  # ml_dtypes' bfloat16 scalars are real numbers NumPy does not know
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, not {type(value).__name__}")
     try:

@@ -127,8 +127,18 @@ def check_writable(option, path):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"{option} {path}: folder {folder} does not exist")
-    if not os.access(path if os.path.exists(path) else folder, os.W_OK):
-        raise UsageError(f"{option} {path}: not writable")
+    # opened as the run will open it (permissions alone pass root, /proc and special files):
+    # appending leaves an existing file as it is, and a new one is removed again
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: not writable ({exc.strerror or exc})") from None
+    if not existed:
+        os.remove(path)
+    elif not os.path.isfile(path):
+        raise UsageError(f"{option} {path}: not a regular file")
 
 
 def check_outputs(json_path, plot_path):

@@ -14,11 +14,13 @@ kernels on the current stream.
 
 ``import fastrelu`` never imports this module (nor torch).
 """
+import copy
 import functools
 import math
 import weakref
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -428,8 +430,13 @@ class _EagerActivation(torch.autograd.Function):
 
 
 def _check_inplace(x):
-    """PyTorch's refusals of in-place ops, before anything is written: on inference tensors
-    outside inference mode, and on leaves (or their views) that require grad."""
+    """PyTorch's refusals of in-place ops, before anything is written: on tensors whose elements
+    share memory, on inference tensors outside inference mode, and on leaves (or their views)
+    that require grad."""
+    if torch._debug_has_internal_overlap(x) == 1:
+        raise RuntimeError("unsupported operation: more than one element of the written-to "
+                           "tensor refers to a single memory location. Please clone() the "
+                           "tensor before performing the operation.")
     if x.is_inference() and not torch.is_inference_mode_enabled():
         raise RuntimeError("Inplace update to inference tensor outside InferenceMode is not "
                            "allowed.You can make a clone to get a normal tensor before doing "
@@ -467,20 +474,49 @@ def _activate(kind, x, param, weight, inplace, want_counts):
 def _routed(kind, x, size_matters=True):
     """Whether fastrelu's kernels take `x`: a float CPU or CUDA tensor of at least CROSSOVER
     elements (checked first: it is what turns small calls away cheaply; when tracing for
-    torch.compile or torch.export, on the traced size)."""
-    if not isinstance(x, Tensor) or (size_matters and x.numel() <
-                                     CROSSOVER["cuda" if _on_cuda(x) else "cpu"][kind.name]):
+    torch.compile or torch.export, on the traced size, and at any size when that size is
+    symbolic, so that a dynamic dimension gets no guard), outside the modes PyTorch's own
+    kernels must serve (see _needs_native)."""
+    if not isinstance(x, Tensor):
         return False
-    if x.layout is not torch.strided:
+    if size_matters and _small(x.numel(), CROSSOVER["cuda" if _on_cuda(x) else "cpu"][kind.name]):
         return False
-    return (x.is_cpu or _on_cuda(x)) and x.dtype in _DTYPES
+    if x.layout is not torch.strided or not (x.is_cpu or _on_cuda(x)) or x.dtype not in _DTYPES:
+        return False
+    return _needs_native(kind, x) is None
 
 
-def _number(value):
-    """A finite Python float for a Python number, else None (left to PyTorch)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+def _small(n, crossover):
+    """Whether n elements are below the crossover; a symbolic size (torch.compile's dynamic
+    shapes, torch.export's dimensions) is not, so that it gets no guard."""
+    return isinstance(n, int) and n < crossover
+
+
+def _needs_native(kind, x):
+    """What makes a call PyTorch's own, or None: forward-mode AD (a dual level is open),
+    torch.func transforms and torch.jit.trace, which fastrelu's eager autograd.Function and
+    kernel calls do not take part in (the trace would record an empty result), and autocast
+    for PReLU, whose inputs PyTorch casts."""
+    if kind is _PRELU and torch.is_autocast_enabled(x.device.type):
+        return "autocast"
+    if torch.compiler.is_compiling():
+        return None
+    if _forward_ad._current_level >= 0:
+        return "forward-mode AD"
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "a torch.func transform"
+    if torch._C._get_tracing_state() is not None:
+        return "torch.jit.trace"
+    return None
+
+
+def _number(value, x):
+    """A Python float for a Python number that is finite in x's dtype, else None (left to
+    PyTorch, which refuses a parameter that overflows the dtype)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            not isinstance(value, torch.SymFloat):
         value = float(value)
-        if math.isfinite(value):
+        if abs(value) <= torch.finfo(x.dtype).max:
             return value
     return None
 
@@ -505,14 +541,14 @@ def relu(input, inplace=False):
 
 def leaky_relu(input, negative_slope=0.01, inplace=False):
     """torch.nn.functional.leaky_relu on fastrelu's kernels."""
-    if not _routed(_LEAKY, input) or (slope := _number(negative_slope)) is None:
+    if not _routed(_LEAKY, input) or (slope := _number(negative_slope, input)) is None:
         return F.leaky_relu(input, negative_slope, inplace)
     return _activate(_LEAKY, input, slope, None, bool(inplace), False)[0]
 
 
 def elu(input, alpha=1.0, inplace=False):
     """torch.nn.functional.elu on fastrelu's kernels (within 4 ulp of PyTorch)."""
-    if not _routed(_ELU, input) or (a := _number(alpha)) is None:
+    if not _routed(_ELU, input) or (a := _number(alpha, input)) is None:
         return F.elu(input, alpha, inplace)
     return _activate(_ELU, input, a, None, bool(inplace), False)[0]
 
@@ -563,7 +599,7 @@ _NEVER = math.inf
 
 
 def _below_crossover(kind, x):
-    return x.numel() < _CROSSOVERS[x.is_cuda][kind.name]
+    return _small(x.numel(), _CROSSOVERS[x.is_cuda][kind.name])
 
 
 class _Tracked:
@@ -583,21 +619,28 @@ class _Tracked:
         # small plain tensors first, in as few steps as possible: this is all they pay
         if type(input) is Tensor and not self.track_stats:
             limit = _CROSSOVERS[input.is_cuda][self._op_name]
-            if limit == _NEVER or input.numel() < limit:
+            if limit == _NEVER or _small(input.numel(), limit):
                 return self._native(input)
         kind = self._kind
         if not self.track_stats and (not isinstance(input, Tensor) or
                                      _below_crossover(kind, input)):
             return super().forward(input)  # the torch module's own
-        param = 0.0 if self._param_name is None else _number(getattr(self, self._param_name))
         weight = self.weight if kind is _PRELU else None
         inplace = getattr(self, "inplace", False)
-        kernels_take_it = param is not None and _routed(kind, input, size_matters=False) and \
+        kernels_take_it = _routed(kind, input, size_matters=False) and \
             (weight is None or _prelu_weight_ok(input, weight))
+        param = 0.0 if self._param_name is None or not kernels_take_it else \
+            _number(getattr(self, self._param_name), input)
+        kernels_take_it = kernels_take_it and param is not None
         if not self.track_stats:
             if not kernels_take_it:
                 return super().forward(input)
             return _activate(kind, input, param, weight, inplace, False)[0]
+        mode = isinstance(input, Tensor) and _needs_native(kind, input)
+        if mode:
+            raise RuntimeError(f"{type(self).__name__}(track_stats=True) counts in fastrelu's "
+                               f"kernels, which {mode} does not reach: turn track_stats off "
+                               "there")
         if not kernels_take_it:
             raise TypeError(f"{type(self).__name__}(track_stats=True) needs a float16, bfloat16, "
                             "float32 or float64 CPU or CUDA tensor (a matching weight, a finite "
@@ -628,12 +671,22 @@ class _Tracked:
         parts = [super().extra_repr()] + (["track_stats=True"] if self.track_stats else [])
         return ", ".join(p for p in parts if p)
 
+    def __prepare_scriptable__(self):
+        """What torch.jit.script compiles in place of this module: the torch.nn module it
+        extends, sharing its parameters.  TorchScript cannot call fastrelu's kernels, so the
+        scripted model runs PyTorch's (the same results, no statistics); torch.jit.script also
+        leaves these torch modules in the model it was given: convert() it again to go on
+        eagerly on fastrelu's kernels."""
+        native = copy.copy(self)
+        native.__class__ = self._torch_class
+        return native
+
 
 class ReLU(_Tracked, torch.nn.ReLU):
     """torch.nn.ReLU on fastrelu's kernels; track_stats=True counts positive inputs per channel
     in the same pass (see `stats`)."""
 
-    _kind, _op_name = _RELU, _RELU.name
+    _kind, _op_name, _torch_class = _RELU, _RELU.name, torch.nn.ReLU
 
     def __init__(self, inplace=False, *, track_stats=False):
         super().__init__(inplace)
@@ -649,6 +702,7 @@ class LeakyReLU(_Tracked, torch.nn.LeakyReLU):
     """torch.nn.LeakyReLU on fastrelu's kernels (see ReLU for track_stats)."""
 
     _kind, _op_name, _param_name = _LEAKY, _LEAKY.name, "negative_slope"
+    _torch_class = torch.nn.LeakyReLU
 
     def __init__(self, negative_slope=0.01, inplace=False, *, track_stats=False):
         super().__init__(negative_slope, inplace)
@@ -664,6 +718,7 @@ class ELU(_Tracked, torch.nn.ELU):
     """torch.nn.ELU on fastrelu's kernels (see ReLU for track_stats)."""
 
     _kind, _op_name, _param_name = _ELU, _ELU.name, "alpha"
+    _torch_class = torch.nn.ELU
 
     def __init__(self, alpha=1.0, inplace=False, *, track_stats=False):
         super().__init__(alpha, inplace)
@@ -678,7 +733,7 @@ class PReLU(_Tracked, torch.nn.PReLU):
     """torch.nn.PReLU on fastrelu's kernels: forward, and the input and weight gradients in one
     pass (the weight's summed in float64).  See ReLU for track_stats."""
 
-    _kind, _op_name = _PRELU, _PRELU.name
+    _kind, _op_name, _torch_class = _PRELU, _PRELU.name, torch.nn.PReLU
 
     def __init__(self, num_parameters=1, init=0.25, device=None, dtype=None, *,
                  track_stats=False):
@@ -689,8 +744,7 @@ class PReLU(_Tracked, torch.nn.PReLU):
         return torch.prelu(input, self.weight)
 
 
-_COUNTERPARTS = {torch.nn.ReLU: ReLU, torch.nn.LeakyReLU: LeakyReLU, torch.nn.ELU: ELU,
-                 torch.nn.PReLU: PReLU}
+_COUNTERPARTS = {cls._torch_class: cls for cls in (ReLU, LeakyReLU, ELU, PReLU)}
 
 
 def convert(module):

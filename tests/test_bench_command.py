@@ -133,6 +133,22 @@ def test_bfloat16_without_ml_dtypes_is_refused(capsys, no_work, monkeypatch):
     assert "bfloat16 needs ml_dtypes" in err
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_paths_that_permissions_allow_but_cannot_be_written_are_refused(capsys, no_work,
+                                                                       tmp_path):
+    """/proc refuses new files even to root; /dev/full takes an open but no data."""
+    for option in ("--json", "--plot"):
+        assert "not writable" in refused(capsys, ["bench", option, "/proc/fastrelu-r.json"])
+        assert "not writable" in refused(capsys, ["experiment", option, "/proc/r.json"])
+        assert "not a regular file" in refused(capsys, ["bench", option, "/dev/full"])
+    # an existing file is left as it was, a new one is not left behind
+    kept = tmp_path / "kept.json"
+    kept.write_text("old")
+    with pytest.raises(SystemExit):
+        main(["bench", "--json", str(kept), "--plot", str(kept)])
+    assert kept.read_text() == "old" and list(tmp_path.iterdir()) == [kept]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
 def test_unwritable_output_is_refused(capsys, no_work, tmp_path):
     locked = tmp_path / "locked"

@@ -187,3 +187,13 @@ def test_agrees_with_pytorch_bfloat16_kernels():
     theirs = np.abs(twr.grad.double().numpy()[finite] / exact[finite] - 1)
     assert ours.max() <= 2.0**-8
     assert ours.mean() <= theirs.mean()
+
+
+def test_bfloat16_scalars_are_parameters():
+    """A bfloat16 scalar (or 0-d array) is a real number like np.float16's: 0.5 exactly."""
+    x = bf16([-2.0, 3.0])
+    for p in (ml_dtypes.bfloat16(0.5), np.array(0.5, BF16)):
+        assert_bitwise(fastrelu.leaky_relu(x, p), fastrelu.leaky_relu(x, 0.5))
+        assert_bitwise(fastrelu.elu(x, p), fastrelu.elu(x, 0.5))
+    with pytest.raises(TypeError, match="negative_slope must be a real number"):
+        fastrelu.leaky_relu(x, np.zeros((), [("a", "f4")]))

@@ -355,3 +355,61 @@ def test_below_the_crossover_modules_compute_pytorch_s_result(monkeypatch, torch
     torch.testing.assert_close(fast(big.clone()), native(big.clone()),
                                rtol=1e-6 if torch_cls is nn.ELU else 0, atol=0)
     assert calls == [1]
+
+
+@pytest.mark.slow
+def test_compile_with_a_changing_parameter_and_dynamic_shapes(always_fastrelu):
+    """A float argument that changes becomes symbolic in torch.compile: PyTorch's op takes it;
+    dynamic shapes trace fastrelu's op without a guard on the size."""
+    x = torch.randn(4, 3, 8, 8)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda t, a: frt.elu(t, a), backend="aot_eager", fullgraph=True)
+    for alpha in (1.0, 0.5, 2.0):
+        torch.testing.assert_close(fn(x, alpha), nn.functional.elu(x, alpha))
+    torch._dynamo.reset()
+    model = frt.convert(SmallCNN())
+    compiled = torch.compile(model, dynamic=True, fullgraph=True, backend="aot_eager")
+    for batch in (4, 6):
+        xb = torch.randn(batch, 3, 8, 8)
+        torch.testing.assert_close(compiled(xb), model(xb), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_export_with_a_dynamic_batch(always_fastrelu, monkeypatch):
+    """With the real crossovers, a dynamic batch dimension is exported without a constraint on
+    it (the traced size would otherwise be guarded against the crossover)."""
+    monkeypatch.setitem(frt.CROSSOVER["cpu"], "prelu", 1 << 15)
+    monkeypatch.setitem(frt.CROSSOVER["cpu"], "elu", 1 << 17)
+    model = nn.Sequential(frt.PReLU(4), frt.ELU())
+    x = torch.randn(64, 4, 32, 32)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    for batch in (2, 64):
+        xb = torch.randn(batch, 4, 32, 32)
+        torch.testing.assert_close(ep.module()(xb), model(xb), rtol=1e-6, atol=1e-7)
+
+
+def test_jit_script_compiles_pytorch_s_modules():
+    """TorchScript cannot call fastrelu's kernels: a converted model scripts as the torch model,
+    sharing its parameters (torch.jit.script puts the modules it prepares into the model)."""
+    torch.manual_seed(0)
+    model = frt.convert(nn.Sequential(nn.Linear(5, 6), nn.PReLU(6), nn.LeakyReLU(0.2),
+                                      nn.ELU(), nn.ReLU()))
+    weight = model[1].weight
+    x = torch.randn(3, 5)
+    expected = model(x)
+    scripted = torch.jit.script(model)
+    torch.testing.assert_close(scripted(x), expected, rtol=1e-6, atol=1e-7)
+    assert [type(m) for m in model] == [nn.Linear, nn.PReLU, nn.LeakyReLU, nn.ELU, nn.ReLU]
+    assert model[1].weight is weight and model[2].negative_slope == 0.2
+    assert scripted.state_dict().keys() == model.state_dict().keys()
+    with torch.no_grad():
+        model[1].weight.fill_(0.5)
+    assert torch.equal(scripted.state_dict()["1.weight"], model[1].weight)
+
+
+def test_track_stats_refuses_forward_mode_ad_clearly():
+    import torch.autograd.forward_ad as fwad
+    module = frt.PReLU(3, track_stats=True)
+    with fwad.dual_level():
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            module(fwad.make_dual(torch.randn(2, 3), torch.ones(2, 3)))
