@@ -48,6 +48,7 @@ CROSSOVER = {
     "cuda": dict.fromkeys(("relu", "leaky_relu", "elu", "prelu"), 1 << 22),
 }
 
+_NEVER = math.inf  # a crossover no size reaches
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -474,9 +475,8 @@ def _activate(kind, x, param, weight, inplace, want_counts):
 def _routed(kind, x, size_matters=True):
     """Whether fastrelu's kernels take `x`: a float CPU or CUDA tensor of at least CROSSOVER
     elements (checked first: it is what turns small calls away cheaply; when tracing for
-    torch.compile or torch.export, on the traced size, and at any size when that size is
-    symbolic, so that a dynamic dimension gets no guard), outside the modes PyTorch's own
-    kernels must serve (see _needs_native)."""
+    torch.compile or torch.export, on the traced size: see _small), outside the modes PyTorch's
+    own kernels must serve (see _needs_native)."""
     if not isinstance(x, Tensor):
         return False
     if size_matters and _small(x.numel(), CROSSOVER["cuda" if _on_cuda(x) else "cpu"][kind.name]):
@@ -487,9 +487,10 @@ def _routed(kind, x, size_matters=True):
 
 
 def _small(n, crossover):
-    """Whether n elements are below the crossover; a symbolic size (torch.compile's dynamic
-    shapes, torch.export's dimensions) is not, so that it gets no guard."""
-    return isinstance(n, int) and n < crossover
+    """Whether n elements are below the crossover.  A symbolic size that reaches Python as a
+    torch.SymInt (torch.export's dimensions) is not, so that it gets no guard, unless no size is
+    large enough; torch.compile sees an int here and guards the comparison."""
+    return crossover == _NEVER or (isinstance(n, int) and n < crossover)
 
 
 def _needs_native(kind, x):
@@ -595,7 +596,6 @@ else:
 
 # CROSSOVER's tables by x.is_cuda, for the modules' fast path
 _CROSSOVERS = (CROSSOVER["cpu"], CROSSOVER["cuda"])
-_NEVER = math.inf
 
 
 def _below_crossover(kind, x):

@@ -413,3 +413,17 @@ def test_track_stats_refuses_forward_mode_ad_clearly():
     with fwad.dual_level():
         with pytest.raises(RuntimeError, match="forward-mode AD"):
             module(fwad.make_dual(torch.randn(2, 3), torch.ones(2, 3)))
+
+
+@pytest.mark.slow
+def test_symbolic_sizes_keep_pytorch_s_relu_and_leaky_relu():
+    """ReLU and Leaky ReLU never take fastrelu's kernels by size, symbolic or not: an export with
+    a dynamic batch keeps PyTorch's ops; ELU's and PReLU's symbolic sizes take fastrelu's."""
+    model = frt.convert(SmallCNN())
+    ep = torch.export.export(model, (torch.randn(4, 3, 8, 8),),
+                             dynamic_shapes=({0: torch.export.Dim("batch")},))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert {t for t in targets if "fastrelu" in t} == {"fastrelu.prelu.default",
+                                                       "fastrelu.elu.default"}
+    assert {"aten.leaky_relu_.default", "aten.relu_.default"} & targets or \
+        {"aten.leaky_relu.default", "aten.relu.default"} <= targets
