@@ -127,18 +127,29 @@ def check_writable(option, path):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"{option} {path}: folder {folder} does not exist")
-    # opened as the run will open it (permissions alone pass root, /proc and special files):
-    # appending leaves an existing file as it is, and a new one is removed again
-    existed = os.path.exists(path)
+    # a new file is created and removed again, at the end of any symbolic link (permissions
+    # alone pass root in /proc); an existing regular file is opened for appending, which leaves
+    # it as it is; anything else (a pipe, a terminal, /dev/stdout) is taken as it is
+    target = os.path.realpath(path)
     try:
-        with open(path, "ab"):
-            pass
+        if not os.path.exists(target):
+            with open(target, "xb"):
+                pass
+            os.remove(target)
+        elif os.path.isfile(target):
+            with open(target, "ab"):
+                pass
     except OSError as exc:
         raise UsageError(f"{option} {path}: not writable ({exc.strerror or exc})") from None
-    if not existed:
-        os.remove(path)
-    elif not os.path.isfile(path):
-        raise UsageError(f"{option} {path}: not a regular file")
+
+
+def written(path, write):
+    """Runs write(path); a failure to write at the end of a run is one line, exit status 1."""
+    try:
+        write(path)
+    except OSError as exc:
+        raise SystemExit(f"fastrelu: could not write {path}: {exc.strerror or exc}") from None
+    print(f"wrote {path}")
 
 
 def check_outputs(json_path, plot_path):
@@ -892,9 +903,11 @@ def format_table(rows, peer_columns):
 
 
 def write_json(path, result):
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"\nwrote {path}")
+    def write(p):
+        with open(p, "w") as f:
+            json.dump(result, f, indent=1)
+    print()
+    written(path, write)
 
 
 def plot_report(plt, rows, path, baseline, extra_panels=()):
@@ -934,5 +947,4 @@ def plot_report(plt, rows, path, baseline, extra_panels=()):
     for ax in axes[panels:]:
         ax.set_visible(False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    written(path, lambda p: fig.savefig(p, dpi=110))

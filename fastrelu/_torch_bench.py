@@ -11,7 +11,6 @@ of its calls, and the figure reported is the median of the per-slice ratios with
 interquartile range, so that load and drift on a shared machine hit both sides alike.
 """
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -22,7 +21,7 @@ import torch.nn as nn
 
 import fastrelu
 from fastrelu import torch as frt
-from fastrelu._report import UsageError, check_outputs, check_threads, cpu_model
+from fastrelu._report import UsageError, check_outputs, check_threads, cpu_model, write_json
 from fastrelu.bench import cpu_backend
 
 # (N, C, H, W) with 64 channels, from 10^3 elements to the STREAM size (2^26 float32 elements,
@@ -273,8 +272,7 @@ def run(sections, quick, rounds, threads, json_path):
     if "cnn" in sections:
         results["cnn"] = cnn_section(rounds, seconds * 5, out)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(json_path, results)
     return 0
 
 

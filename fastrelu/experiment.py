@@ -23,7 +23,7 @@ import zlib
 import numpy as np
 
 from . import nn
-from ._report import Progress, UsageError, check_outputs, entries, write_json
+from ._report import Progress, UsageError, check_outputs, entries, write_json, written
 from .monitor import DeadUnitTracker
 
 ACTIVATIONS = {
@@ -337,5 +337,4 @@ def plot(plt, results, path):
                          ylim=(-0.02, 1.02))
         axes[0, col].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    print(f"wrote {path}")
+    written(path, lambda p: fig.savefig(p, dpi=100))

@@ -431,26 +431,25 @@ class _EagerActivation(torch.autograd.Function):
 
 
 def _check_inplace(x):
-    """PyTorch's refusals of in-place ops, before anything is written: on tensors whose elements
-    share memory, on inference tensors outside inference mode, and on leaves (or their views)
-    that require grad."""
-    if torch._debug_has_internal_overlap(x) == 1:
-        raise RuntimeError("unsupported operation: more than one element of the written-to "
-                           "tensor refers to a single memory location. Please clone() the "
-                           "tensor before performing the operation.")
+    """PyTorch's refusals of in-place ops, in its order, before anything is written: on
+    inference tensors outside inference mode, on leaves (or their views) that require grad, and
+    on tensors whose elements share memory."""
     if x.is_inference() and not torch.is_inference_mode_enabled():
         raise RuntimeError("Inplace update to inference tensor outside InferenceMode is not "
                            "allowed.You can make a clone to get a normal tensor before doing "
                            "inplace update.See https://github.com/pytorch/rfcs/pull/17 for more "
                            "details.")
-    if not (x.requires_grad and torch.is_grad_enabled()):
-        return
-    if x.is_leaf:
-        raise RuntimeError("a leaf Variable that requires grad is being used in an in-place "
-                           "operation.")
-    if x._is_view() and x._base.is_leaf:
-        raise RuntimeError("a view of a leaf Variable that requires grad is being used in an "
-                           "in-place operation.")
+    if x.requires_grad and torch.is_grad_enabled():
+        if x.is_leaf:
+            raise RuntimeError("a leaf Variable that requires grad is being used in an in-place "
+                               "operation.")
+        if x._is_view() and x._base.is_leaf:
+            raise RuntimeError("a view of a leaf Variable that requires grad is being used in "
+                               "an in-place operation.")
+    if torch._debug_has_internal_overlap(x) == 1:
+        raise RuntimeError("unsupported operation: more than one element of the written-to "
+                           "tensor refers to a single memory location. Please clone() the "
+                           "tensor before performing the operation.")
 
 
 def _activate(kind, x, param, weight, inplace, want_counts):
@@ -511,13 +510,19 @@ def _needs_native(kind, x):
     return None
 
 
+# the largest parameter PyTorch's CPU kernels take, by dtype: float16 and bfloat16 compute in
+# float32, and PyTorch refuses what overflows the type it computes in
+_PARAM_MAX = {dtype: torch.finfo(torch.float64 if dtype is torch.float64 else torch.float32).max
+              for dtype in _DTYPES}
+
+
 def _number(value, x):
-    """A Python float for a Python number that is finite in x's dtype, else None (left to
-    PyTorch, which refuses a parameter that overflows the dtype)."""
+    """A Python float for a Python number PyTorch's kernels take for x, else None (left to
+    PyTorch, which refuses a parameter that overflows the type it computes in)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and \
             not isinstance(value, torch.SymFloat):
         value = float(value)
-        if abs(value) <= torch.finfo(x.dtype).max:
+        if abs(value) <= _PARAM_MAX[x.dtype]:
             return value
     return None
 

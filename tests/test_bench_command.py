@@ -136,17 +136,35 @@ def test_bfloat16_without_ml_dtypes_is_refused(capsys, no_work, monkeypatch):
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
 def test_paths_that_permissions_allow_but_cannot_be_written_are_refused(capsys, no_work,
                                                                        tmp_path):
-    """/proc refuses new files even to root; /dev/full takes an open but no data."""
+    """/proc refuses new files even to root; the check leaves no file behind, and a symbolic
+    link (even a dangling one) as it was."""
     for option in ("--json", "--plot"):
         assert "not writable" in refused(capsys, ["bench", option, "/proc/fastrelu-r.json"])
         assert "not writable" in refused(capsys, ["experiment", option, "/proc/r.json"])
-        assert "not a regular file" in refused(capsys, ["bench", option, "/dev/full"])
-    # an existing file is left as it was, a new one is not left behind
     kept = tmp_path / "kept.json"
     kept.write_text("old")
-    with pytest.raises(SystemExit):
-        main(["bench", "--json", str(kept), "--plot", str(kept)])
-    assert kept.read_text() == "old" and list(tmp_path.iterdir()) == [kept]
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "target.json")
+    for path in (kept, link):
+        with pytest.raises(SystemExit):
+            main(["bench", "--json", str(path), "--plot", str(path)])  # refused: the same file
+    assert kept.read_text() == "old" and link.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json", "link.json"]
+
+
+def test_pipes_and_devices_are_taken_and_a_failed_write_is_one_line(capsys, tmp_path):
+    """A FIFO, /dev/stdout or /dev/null is written as it is (the check opens none of them, so a
+    FIFO without a reader does not block it); a write that fails at the end of the run is one
+    line on stderr, exit status 1."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    _report.check_writable("--json", str(fifo))
+    _report.check_writable("--json", "/dev/stdout")
+    with pytest.raises(SystemExit) as exit_:
+        _report.write_json("/dev/full", {"a": 1})
+    assert exit_.value.code == "fastrelu: could not write /dev/full: No space left on device"
+    _report.write_json("/dev/null", {"a": 1})
+    assert "wrote /dev/null" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")

@@ -427,3 +427,14 @@ def test_symbolic_sizes_keep_pytorch_s_relu_and_leaky_relu():
                                                        "fastrelu.elu.default"}
     assert {"aten.leaky_relu_.default", "aten.relu_.default"} & targets or \
         {"aten.leaky_relu.default", "aten.relu.default"} <= targets
+
+
+def test_half_tensors_take_parameters_up_to_float32_s_range():
+    """PyTorch computes float16 and bfloat16 in float32: a parameter beyond float16's range is
+    taken (the products round to the dtype), as fastrelu's kernels do, statistics included."""
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.tensor([[-1.0, 0.5, -0.5, 2.0]], dtype=dtype)
+        for native, fast in [(nn.ELU(7e4), frt.ELU(7e4, track_stats=True)),
+                             (nn.LeakyReLU(7e4), frt.LeakyReLU(7e4, track_stats=True))]:
+            assert torch.equal(fast(x), native(x))
+            assert fast.stats.positive.tolist() == [0, 1, 0, 1]

@@ -646,3 +646,10 @@ def test_inplace_on_elements_sharing_memory_is_refused_as_pytorch_does(always_fa
         with pytest.raises(RuntimeError, match="single memory location"):
             fn(expanded)
     assert torch.equal(x, before)
+
+
+def test_inplace_refusals_come_in_pytorch_s_order(always_fastrelu):
+    leaf = torch.randn(1, 8, requires_grad=True)
+    for fn in (lambda t: F.relu(t, inplace=True), lambda t: frt.relu(t, inplace=True)):
+        with pytest.raises(RuntimeError, match="a view of a leaf Variable"):
+            fn(leaf.expand(4, 8))
