@@ -65,6 +65,16 @@ static void FR_CAT(fr_float_to_bf16_, FR_ISA)(const float *src, void *dst, ptrdi
  * weight gradient and dx's sum (the bias gradient, into bias_sums) are gathered. */
 #define FR_SUMS_WEIGHT(sum) ((sum) == FR_SUM_WEIGHT || (sum) == FR_SUM_BIAS_WEIGHT)
 
+/* A term of PReLU's weight gradient, x > 0 ? 0 : x * g, in double: the product of two floats is
+ * exact there, so only the sum rounds.  Compared in double too (the same test), so that the
+ * vector loop selects in double lanes instead of widening a float mask (a fifth of the loop's
+ * time on AVX2). */
+static FR_INLINE double FR_FN(weight_term)(FR_T v, FR_T g) {
+    const double vd = v, gd = g;
+    return vd > 0 ? 0.0 : vd * gd;
+}
+#define FR_WEIGHT_TERM FR_FN(weight_term)
+
 /* Counts are gathered in int32 lanes, as wide as float32's, one block of at most 2^30 elements at
  * a time, and added up in int64. */
 static FR_INLINE int64_t FR_FN(fwd_flat_t)(int op, const FR_T *x, FR_T *y, ptrdiff_t n, FR_T p,
@@ -95,8 +105,7 @@ static FR_INLINE double FR_FN(bwd_flat_t)(int op, const FR_T *g, const FR_T *x, 
         if (sum == FR_SUM_BIAS_WEIGHT) v = v + b;
         FR_T d = FR_DX(op, v, gi, p, FR_T, FR_EXP);
         dx[i] = d;
-        /* the product of two floats is exact in double, so only the sum rounds */
-        if (FR_SUMS_WEIGHT(sum)) acc += v > 0 ? 0.0 : (double)v * (double)gi;
+        if (FR_SUMS_WEIGHT(sum)) acc += FR_WEIGHT_TERM(v, gi);
         if (sum == FR_SUM_GRAD) acc += d;
         if (sum == FR_SUM_BIAS_WEIGHT) bacc += d;
     }
@@ -186,7 +195,7 @@ static FR_INLINE void FR_FN(bwd_row_t)(int op, const FR_T *g, const FR_T *x, FR_
         if (sum == FR_SUM_BIAS_WEIGHT) v = v + pb[j];
         FR_T d = FR_DX(op, v, gj, pw[j], FR_T, FR_EXP);
         dx[j] = d;
-        if (FR_SUMS_WEIGHT(sum)) sums[j] += v > 0 ? 0.0 : (double)v * (double)gj;
+        if (FR_SUMS_WEIGHT(sum)) sums[j] += FR_WEIGHT_TERM(v, gj);
         if (sum == FR_SUM_GRAD) sums[j] += d;
         if (sum == FR_SUM_BIAS_WEIGHT) bias_sums[j] += d;
     }
@@ -307,6 +316,7 @@ static const fr_loops FR_FN(loops) = {
 #undef FR_FWD_ROWS
 #undef FR_BWD_ROWS
 #undef FR_SUMS_WEIGHT
+#undef FR_WEIGHT_TERM
 #undef FR_TILE
 #undef FR_BLOCK_ROWS
 #undef FR_MIN_BLOCK_ROWS
