@@ -191,9 +191,11 @@ static FR_INLINE void FR_FN(bwd_row_t)(int op, const FR_T *g, const FR_T *x, FR_
                                       double *bias_sums, int sum) {
 #pragma omp simd
     for (ptrdiff_t j = 0; j < n; j++) {
-        FR_T v = x[j], gj = g[j];
+        /* every column's parameter loaded, not only the negative ones': a plain load, not a
+         * masked one */
+        FR_T v = x[j], gj = g[j], w = pw[j];
         if (sum == FR_SUM_BIAS_WEIGHT) v = v + pb[j];
-        FR_T d = FR_DX(op, v, gj, pw[j], FR_T, FR_EXP);
+        FR_T d = FR_DX(op, v, gj, w, FR_T, FR_EXP);
         dx[j] = d;
         if (FR_SUMS_WEIGHT(sum)) sums[j] += FR_WEIGHT_TERM(v, gj);
         if (sum == FR_SUM_GRAD) sums[j] += d;
