@@ -92,11 +92,23 @@ enum { FR_SUM_NONE = 0, FR_SUM_WEIGHT = 1, FR_SUM_GRAD = 2, FR_SUM_BIAS_WEIGHT =
         *nf = shifted - ROUND;                                                                  \
         return (x - *nf * LN2_HI) - *nf * LN2_LO;                                               \
     }                                                                                           \
-    static FR_INLINE T fr_expm1_reduced##SUFFIX(T r) { /* e^r - 1 = r * (1 + r/2 + ...) */      \
+    /* e^r - 1 = r * (1 + r/2 + ...), the series by Estrin's scheme: pairs of terms, then pairs \
+     * of pairs (with r^2, r^4, r^8), so that its dependency chain is 4 steps deep, not one step   \
+     * a term as in Horner's, and a vector loop is not bound by that chain's latency (the fully   \
+     * unrolled loops fold every condition away; up to 16 terms) */                             \
+    static FR_INLINE T fr_expm1_reduced##SUFFIX(T r) {                                          \
         static const T c[] = TAYLOR;                                                            \
-        T q = c[0];                                                                             \
-        for (unsigned i = 1; i < sizeof c / sizeof c[0]; i++) q = q * r + c[i];                 \
-        return r * q;                                                                           \
+        const int terms = (int)(sizeof c / sizeof c[0]);                                        \
+        T p[16], power = r;                                                                     \
+        _Pragma("GCC unroll 16")                                                                \
+        for (int i = 0; i < 16; i++) p[i] = i < terms ? c[terms - 1 - i] : 0; /* lowest first */ \
+        _Pragma("GCC unroll 4")                                                                 \
+        for (int level = 0, m = terms; level < 4; level++, m = (m + 1) / 2, power *= power)     \
+            _Pragma("GCC unroll 8")                                                             \
+            for (int i = 0; i < 8; i++)                                                         \
+                if (2 * i < m)                                                                  \
+                p[i] = 2 * i + 1 < m ? p[2 * i] + p[2 * i + 1] * power : p[2 * i];              \
+        return r * p[0];                                                                        \
     }                                                                                           \
     static FR_INLINE T fr_exp##SUFFIX(T x) {                                                    \
         T t = x > 0 ? 0 : x > EXP_LO ? x : EXP_LO, nf;                                          \
