@@ -19,8 +19,7 @@ except ImportError:  # NumPy < 1.25
 
 _FLOAT_DTYPES = {c: np.dtype(c) for c in "efd"}  # float16, float32, float64 by type character
 _PYTHON_VALUES = (list, tuple, int, float)
-_MAX_FLOAT = 1.7976931348623157e308  # finite floats lie in [_MIN_FLOAT, _MAX_FLOAT]; NaN in neither
-_MIN_FLOAT = -_MAX_FLOAT
+_MAX_FLOAT32 = 3.4028234663852886e38  # float32's largest finite value
 
 
 # ---- arrays -------------------------------------------------------------------------------------
@@ -44,7 +43,7 @@ def _array_dtype(name, a):
 
 def _refuse_masked(name, value):
     """Masked arrays would silently lose their mask (the kernels see only the data)."""
-    if isinstance(value, np.ndarray) and type(value).__module__.startswith("numpy.ma"):
+    if isinstance(value, np.ma.MaskedArray):
         raise TypeError(f"{name} is a masked array, whose mask fastrelu would ignore: pass "
                         f"{name}.filled(fill_value) or {name}.data")
 
@@ -259,11 +258,24 @@ def _real(name, value):
 
 
 def _param(name, value):
-    """An op's scalar parameter (negative_slope, alpha) as a finite float: a finite Python float
-    passes at once, anything else through _real."""
-    if type(value) is float and _MIN_FLOAT <= value <= _MAX_FLOAT:
+    """An op's scalar parameter (negative_slope, alpha) as a finite float: a Python float within
+    float32's range passes at once, anything else through _real (see _check_param_range)."""
+    if type(value) is float and -_MAX_FLOAT32 <= value <= _MAX_FLOAT32:
         return value
     return _real(name, value)
+
+
+# the name of each op's scalar parameter, for _check_param_range
+_PARAM_NAMES = {LEAKY: "negative_slope", ELU: "alpha", ELU_FROM_Y: "alpha"}
+
+
+def _check_param_range(op, p, dtype):
+    """float16, bfloat16 and float32 data compute in float32 (as PyTorch does), so a parameter
+    beyond float32's range, which would turn into an infinity (and NaN at zeros), is refused for
+    them, as PyTorch refuses it: after every other check, so that a bad array is named first."""
+    if not -_MAX_FLOAT32 <= p <= _MAX_FLOAT32 and np.dtype(dtype).itemsize < 8:
+        raise ValueError(f"{_PARAM_NAMES[op]}={p!r} is beyond the range of float32, in which "
+                         f"{np.dtype(dtype).name} data is computed: use float64 data for it")
 
 
 def _flag(name, value):
@@ -339,7 +351,7 @@ def _forward(op, x, out, p, weight=None, axis=1, stats=False, stream=None, bias=
     if stats is not False:
         stats = _flag("stats", stats)
     axis = _integer("axis", axis)
-    if stream is None and bias is None:
+    if stream is None and bias is None and -_MAX_FLOAT32 <= p <= _MAX_FLOAT32:
         if weight is None and not stats:
             y = _cpu.plain_forward(op, x, out, p)  # the commonest call, in one step
             if y is not None:
@@ -373,6 +385,7 @@ def _forward(op, x, out, p, weight=None, axis=1, stats=False, stream=None, bias=
     if out is not None:
         _check_out("out", out, x.shape, dtype, list(zip([n for n, _ in named], arrays)),
                    in_place=("x",))
+    _check_param_range(op, p, dtype)
     if weight is not None and weight_axis is None and layout_axis is not None and not device:
         p, weight = float(weight.reshape(())), None  # one shared weight, statistics per unit
     if device:
@@ -387,7 +400,7 @@ def _forward(op, x, out, p, weight=None, axis=1, stats=False, stream=None, bias=
 
 def _activation_stats(counts, shape, axis):
     per_unit = math.prod(shape[:axis] + shape[axis + 1:]) if axis is not None else math.prod(shape)
-    return ActivationStats(counts, per_unit)
+    return ActivationStats._counted(counts, per_unit)
 
 
 def _backward(op, grad, x, out, p, weight=None, axis=1, param_out=None, stream=None,
@@ -395,11 +408,13 @@ def _backward(op, grad, x, out, p, weight=None, axis=1, param_out=None, stream=N
     """dx, and with PReLU's `weight` its gradient, or with `bias_grad` the gradient of a bias
     along `axis` (x is then the output y, named `x_name`): (dx, grad_param)."""
     axis = _integer("axis", axis)
-    if weight is None and not bias_grad and stream is None:
+    in_range = -_MAX_FLOAT32 <= p <= _MAX_FLOAT32
+    if weight is None and not bias_grad and stream is None and in_range:
         dx = _cpu.plain_backward(op, grad, x, out, p)  # the commonest call, in one step
         if dx is not None:
             return dx
-    if stream is None and not bias_grad and _cpu.is_plain_call(x, out, grad, backward=True):
+    if stream is None and not bias_grad and in_range and \
+            _cpu.is_plain_call(x, out, grad, backward=True):
         # NumPy arrays that need no conversion: only the shapes are left to check
         if weight is None:
             return _cpu.backward(op, grad, x, out, p, weight=None, axis=None)
@@ -430,6 +445,7 @@ def _backward(op, grad, x, out, p, weight=None, axis=1, param_out=None, stream=N
     if out is not None:
         out_view = _check_out(out_name, out, x.shape, dtype, inputs, in_place=("grad", x_name))
     if weight is None and not bias_grad:
+        _check_param_range(op, p, dtype)
         if device:
             return _gpu().backward(op, grad.obj, x.obj, out, p, weight=None, axis=None,
                                    param_out=None, param_shape=None, sum_kind=0, dtype=dtype,
@@ -442,6 +458,7 @@ def _backward(op, grad, x, out, p, weight=None, axis=1, param_out=None, stream=N
         if out is not None and _memory_overlap(out_view, param_view):
             raise ValueError("out[0] and out[1] overlap")
         param_aliases_input = any(_memory_overlap(param_view, arr) for _, arr in inputs)
+    _check_param_range(op, p, dtype)
     sum_kind = SUM_GRAD if bias_grad else SUM_WEIGHT
     if device:
         return _gpu().backward(op, grad.obj, x.obj, out, p, weight=_raw(weight), axis=axis,
@@ -468,8 +485,8 @@ def relu(x, *, out=None, stats=False, axis=1, stream=None):
 
 def leaky_relu(x, negative_slope=0.01, *, out=None, stats=False, axis=1, stream=None):
     """Leaky ReLU: ``x > 0 ? x : x * negative_slope`` elementwise.  `stats`, `axis`: see relu."""
-    return _forward(LEAKY, x, out, _param("negative_slope", negative_slope), None, axis, stats,
-                    stream)
+    return _forward(LEAKY, x, out, _param("negative_slope", negative_slope), None, axis,
+                    stats, stream)
 
 
 def prelu(x, weight, axis=1, *, out=None, stats=False, stream=None):
@@ -566,7 +583,7 @@ def _activation(activation, param):
         if param is None:
             raise TypeError("prelu needs its weight as param: shape (), (1,) or (C,)")
         return fwd, bwd, 0.0, param
-    return fwd, bwd, default if param is None else _real(name, param), None
+    return fwd, bwd, default if param is None else _param(name, param), None
 
 
 def _bias_axis(bias, shape, axis):
@@ -649,7 +666,7 @@ def bias_prelu_backward(grad, x, bias, weight, axis=1, *, out=None, stream=None)
     for name, value, shape, own in param_outs:
         _check_out(name, value, shape, dtype, inputs, in_place=(own,))
         for other_name, other in [("out[0]", out0)] + [(n, v) for n, v, _, _ in param_outs]:
-            if other is not None and other is not value and _memory_overlap(value, other):
+            if other is not None and other_name != name and _memory_overlap(value, other):
                 raise ValueError(f"{name} and {other_name} overlap")
     grad_bias = np.empty(bias.shape, dtype) if out_bias is None else out_bias
     grad_weight = np.empty(weight.shape, dtype) if out_weight is None else out_weight

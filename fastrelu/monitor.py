@@ -27,8 +27,18 @@ class ActivationStats:
         if type(per_unit) is not int and (isinstance(per_unit, (bool, np.bool_)) or
                                           not isinstance(per_unit, np.integer)) or per_unit < 0:
             raise TypeError(f"per_unit must be an integer >= 0, not {per_unit!r}")
-        self.positive = positive
+        if positive.size and not (0 <= positive.min() and positive.max() <= per_unit):
+            raise ValueError(f"positive counts must lie in [0, per_unit={per_unit}], got "
+                             f"{positive.min()} to {positive.max()}")
+        self.positive = positive.astype(np.int64, copy=False)
         self.per_unit = int(per_unit)
+
+    @classmethod
+    def _counted(cls, positive, per_unit):
+        """The kernels' own int64 counts, already in range: no checks on the op's hot path."""
+        stats = cls.__new__(cls)
+        stats.positive, stats.per_unit = positive, per_unit
+        return stats
 
     @property
     def units(self):
@@ -111,7 +121,7 @@ class DeadUnitTracker:
         if layer not in self._positive:
             known = ", ".join(map(repr, self._positive)) or "none yet"
             raise KeyError(f"no statistics for layer {layer!r} in this epoch (layers: {known})")
-        return ActivationStats(self._positive[layer], self._per_unit[layer])
+        return ActivationStats(self._positive[layer].copy(), self._per_unit[layer])
 
     def dead_fraction(self, layer):
         """Fraction of the layer's units never positive in this epoch so far."""

@@ -145,6 +145,32 @@ def test_parameters_must_be_real_numbers(value):
         fastrelu.elu(X, value)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_parameters_beyond_float32_are_refused_for_data_computed_in_float32(dtype):
+    """float16, bfloat16 and float32 data compute in float32: a finite slope beyond its range
+    would become inf (NaN at zeros), so it is refused, as PyTorch refuses it."""
+    dt = np.dtype(dtype) if dtype != "bfloat16" else pytest.importorskip("ml_dtypes").bfloat16
+    x, g = X.astype(dt), G.astype(dt)
+    for value in (1e300, -1e39, np.float64(3.5e38)):
+        raises(ValueError, "negative_slope=.* beyond the range of float32",
+               lambda: fastrelu.leaky_relu(x, value), x)
+        raises(ValueError, "negative_slope=.* beyond the range of float32",
+               lambda: fastrelu.leaky_relu_backward(g, x, value), x, g)
+        raises(ValueError, "alpha=.* beyond the range of float32",
+               lambda: fastrelu.elu(x, value), x)
+        raises(ValueError, "alpha=.* beyond the range of float32",
+               lambda: fastrelu.elu_backward(g, x, value), x, g)
+        raises(ValueError, "alpha=.* beyond the range of float32",
+               lambda: fastrelu.bias_activation(x, W.astype(dt), "elu", value), x)
+        raises(ValueError, "negative_slope=.* beyond the range of float32",
+               lambda: fastrelu.bias_activation_backward(g, x, "leaky_relu", abs(value)), x, g)
+    # float32's largest finite value is fine, and float64 data takes any finite float
+    big = float(np.finfo(np.float32).max)
+    assert fastrelu.leaky_relu(np.float32([-1.0]), big)[0] == -big
+    assert fastrelu.leaky_relu(np.float64([-1.0]), 1e300)[0] == -1e300
+    assert fastrelu.elu([-1.0], 1e300)[0] == 1e300 * np.expm1(-1.0)  # a list is float64
+
+
 def test_parameters_accept_numpy_scalars():
     assert fastrelu.leaky_relu(X, np.float32(0.5))[0, 0] == np.float32(-1.0)
     assert fastrelu.elu(X, np.array(2))[1, 3] == X[1, 3]
@@ -222,3 +248,8 @@ def test_masked_arrays_are_refused_not_unmasked():
         pass
 
     np.testing.assert_array_equal(fastrelu.relu(X.view(Subclass)), np.maximum(X, 0))
+
+    class MaskedSubclass(np.ma.MaskedArray):  # defined outside numpy.ma, still masked
+        pass
+
+    raises(TypeError, "x is a masked array", lambda: fastrelu.relu(xm.view(MaskedSubclass)), X)

@@ -1373,10 +1373,12 @@ def test_dead_unit_tracker(data):
         _, stats = fastrelu.relu(x, stats=True)
         kind = data.draw(st.sampled_from(
             ["valid"] * 4 + ["layer", "not stats", "positive None", "positive list",
-                             "positive floats", "other units"]), label="update")
+                             "positive floats", "other units", "more than per_unit"]),
+            label="update")
         # the statistics are made inside the checked call: ActivationStats refuses bad counts
-        # itself, and a list of integer counts is counts
-        invalid = kind in ("layer", "not stats", "positive None", "positive floats")
+        # itself (not integers, or outside [0, per_unit]), and a list of integer counts is counts
+        invalid = kind in ("layer", "not stats", "positive None", "positive floats",
+                           "more than per_unit")
         valid = stats
         make = lambda: valid  # noqa: E731
         if kind == "layer":
@@ -1387,11 +1389,14 @@ def test_dead_unit_tracker(data):
         elif kind == "positive None":
             make = lambda: fastrelu.ActivationStats(None, rows)  # noqa: E731
         elif kind == "positive list":
-            make = lambda: fastrelu.ActivationStats([1] * units, rows)  # noqa: E731
+            make = lambda: fastrelu.ActivationStats([min(1, rows)] * units, rows)  # noqa: E731
+        elif kind == "more than per_unit":
+            make = lambda: fastrelu.ActivationStats([rows + 1] * (units + 1), rows)  # noqa: E731
         elif kind == "positive floats":
             make = lambda: fastrelu.ActivationStats(valid.positive.astype(np.float64), rows)  # noqa: E731,E501
         elif kind == "other units":
-            make = lambda: fastrelu.ActivationStats(np.arange(units + 1, dtype=np.int64), rows)  # noqa: E731,E501
+            make = lambda: fastrelu.ActivationStats(  # noqa: E731
+                np.minimum(np.arange(units + 1, dtype=np.int64), rows), rows)
         report_before = tracker.report()
         shape = (units + 1,) if kind == "other units" else (units,)
         if not invalid and layer in totals and totals[layer][0].shape != shape:

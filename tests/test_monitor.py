@@ -107,6 +107,21 @@ def test_tracker_does_not_alias_the_stats():
     tracker.update("h", ActivationStats(positive, 2))
     positive[:] = 9
     assert tracker.stats("h").positive.tolist() == [1, 0]
+    tracker.stats("h").positive[:] = 0  # what it hands out is a copy too
+    assert tracker.report()["h"]["dead_units"] == 1
+
+
+def test_activation_stats_counts_are_checked():
+    with pytest.raises(ValueError, match=r"must lie in \[0, per_unit=1\], got 0 to 50"):
+        ActivationStats([50, 0], 1)
+    with pytest.raises(ValueError, match="got -1 to 0"):
+        ActivationStats([-1, 0], 3)
+    # unsigned counts are fine, and add up in a tracker like any others
+    tracker = DeadUnitTracker()
+    for _ in range(2):
+        tracker.update("h", ActivationStats(np.array([3, 0], np.uint64), 4))
+    assert tracker.stats("h").positive.tolist() == [6, 0]
+    assert tracker.stats("h").per_unit == 8
 
 
 # ---- fused bias + activation --------------------------------------------------------------------

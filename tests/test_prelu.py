@@ -242,6 +242,10 @@ def test_bias_prelu_errors():
     shared = np.zeros(6, np.float32)
     with pytest.raises(ValueError, match=r"out\[1\] and out\[2\] overlap"):
         fastrelu.bias_prelu_backward(x, x, b, w, out=(None, shared[:3], shared[1:4]))
+    one = np.zeros(3, np.float32)  # the very same array for both sums
+    with pytest.raises(ValueError, match=r"out\[1\] and out\[2\] overlap"):
+        fastrelu.bias_prelu_backward(x, x, b, w, out=(None, one, one))
+    assert not one.any()
     with pytest.raises(TypeError, match="weight has dtype float64"):
         fastrelu.bias_prelu_backward(x, x, b, w.astype(np.float64))
 
