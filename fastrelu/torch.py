@@ -75,6 +75,8 @@ def _array(t):
     itself for a CUDA one."""
     if t.requires_grad:
         t = t.detach()
+    if t.is_neg():  # a lazily negated view (as of conj().imag): its values, resolved
+        t = t.resolve_neg()
     if _on_cuda(t):
         return t
     if t.dtype is torch.bfloat16:
@@ -93,7 +95,8 @@ def _units(x):
 class _Kind:
     """One activation: its kernels in fastrelu's API and which tensor its backward reads."""
 
-    def __init__(self, name, forward, backward, saves_output, inplace_ok):
+    def __init__(self, name, forward, backward, saves_output, inplace_ok, native_inplace=None,
+                 native_backward=None):
         self.name = name
         self.forward = forward  # (x, param or weight, out, stats) on arrays
         # (grad, saved, param, from_output, out) on arrays; None for PReLU's two
@@ -102,6 +105,10 @@ class _Kind:
         self.saves_output = saves_output
         # param -> whether a backward can read the output at all: what an in-place forward leaves
         self.inplace_ok = inplace_ok
+        # PyTorch's own in-place forward (x, param) and backward (grad, saved, param,
+        # from_output), for the tensors its kernels must serve (see _activate, _pytorch_grad)
+        self.native_inplace = native_inplace
+        self.native_backward = native_backward
 
     def run(self, x, param, weight, out=None, want_counts=False):
         """Forward on tensors: (y, ActivationStats or None); y is `out` when given."""
@@ -129,12 +136,16 @@ _RELU = _Kind(
     "relu",
     lambda x, p, out, stats: fastrelu.relu(x, out=out, stats=stats),
     lambda g, t, p, from_output, out: fastrelu.relu_backward(g, t, out=out),
-    lambda p: True, lambda p: True)
+    lambda p: True, lambda p: True,
+    lambda x, p: F.relu(x, inplace=True),
+    lambda g, t, p, from_output: torch.ops.aten.threshold_backward(g, t, 0))
 _LEAKY = _Kind(
     "leaky_relu",
     lambda x, p, out, stats: fastrelu.leaky_relu(x, p, out=out, stats=stats),
     lambda g, t, p, from_output, out: fastrelu.leaky_relu_backward(g, t, p, out=out),
-    lambda p: p >= 0, lambda p: p >= 0)
+    lambda p: p >= 0, lambda p: p >= 0,
+    lambda x, p: F.leaky_relu(x, p, inplace=True),
+    lambda g, t, p, from_output: torch.ops.aten.leaky_relu_backward(g, t, p, from_output))
 _ELU = _Kind(
     "elu",
     lambda x, p, out, stats: fastrelu.elu(x, p, out=out, stats=stats),
@@ -143,7 +154,9 @@ _ELU = _Kind(
     # as in PyTorch, the gradient comes from the input (alpha * exp(x): accurate), and from the
     # output (y + alpha, which cancels for x well below 0) only after an in-place forward with
     # alpha >= 0, where the output still tells the sign of x
-    lambda p: False, lambda p: p >= 0)
+    lambda p: False, lambda p: p >= 0,
+    lambda x, p: F.elu(x, p, inplace=True),
+    lambda g, t, p, from_output: torch.ops.aten.elu_backward(g, p, 1, 1, from_output, t))
 _PRELU = _Kind(
     "prelu",
     lambda x, w, out, stats: fastrelu.prelu(x, w, 1, out=out, stats=stats),
@@ -239,8 +252,9 @@ def _elu_backward_grad(ctx, gg):
     # d(dx)/d(saved) on the negative side: g for dx = g * (y + alpha), g * alpha * exp(x) for
     # dx = g * alpha * exp(x); zero on the positive side
     slope = 1.0 if is_result else alpha * torch.exp(saved)
-    d_saved = torch.where(saved <= 0, gg * grad * slope, torch.zeros((), dtype=gg.dtype,
-                                                                     device=gg.device))
+    # strictly negative, as PyTorch's elu_double_backward (its first derivative takes x <= 0)
+    d_saved = torch.where(saved < 0, gg * grad * slope, torch.zeros((), dtype=gg.dtype,
+                                                                    device=gg.device))
     return _elu_backward_op(gg, saved, alpha, is_result), d_saved, None, None
 
 
@@ -259,7 +273,9 @@ def _channel_view(w, x):
 def _prelu_backward_grad(ctx, ggx, ggw):
     grad, x, weight = ctx.saved_tensors
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    negative = x <= 0
+    # PyTorch's double backward of PReLU takes x >= 0 as the positive side (zeros there, NaN on
+    # the negative side), though its first derivative takes x > 0
+    negative = ~(x >= 0)
     d_grad = d_x = d_weight = None
     if ggx is not None:
         d_grad = torch.where(negative, ggx * _channel_view(weight, x), ggx)
@@ -416,6 +432,8 @@ class _EagerActivation(torch.autograd.Function):
         kind = ctx.kind
         if ctx.overwritten:
             raise RuntimeError(_INPLACE_REFUSAL[kind.name])
+        if _pytorch_grad(grad):
+            return _native_backward(ctx, grad) + (None,) * 4
         differentiable = torch.is_grad_enabled()
         if kind is _PRELU:
             x, weight = ctx.saved_tensors
@@ -430,6 +448,37 @@ class _EagerActivation(torch.autograd.Function):
         return dx, None, None, None, None, None
 
 
+def _pytorch_grad(grad):
+    """Whether the incoming gradient is one only PyTorch's ops take: batched (vmap, as for
+    is_grads_batched), a dual tensor (forward-over-reverse), under a torch.func transform, or
+    a tensor subclass; the backward then runs PyTorch's formulas, which those see through."""
+    if type(grad) is not Tensor or _forward_ad._current_level >= 0 or \
+            torch._C._functorch.is_functorch_wrapped_tensor(grad) or \
+            torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    keys = torch._C._dispatch_keys(grad)  # a batched tensor of is_grads_batched has no backend
+    return not (keys.has(torch._C.DispatchKey.CPU) or keys.has(torch._C.DispatchKey.CUDA))
+
+
+def _native_backward(ctx, grad):
+    """The eager backward by PyTorch's own ops (differentiable): (dx, dweight or None)."""
+    kind = ctx.kind
+    if kind is _PRELU:
+        x, weight = ctx.saved_tensors
+        positive = x > 0
+        dx = torch.where(positive, grad, grad * _channel_view(weight, x))
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        return dx, _sum_to_weight(torch.where(positive, zero, x * grad), weight)
+    (saved,) = ctx.saved_tensors
+    return kind.native_backward(grad, saved, ctx.param, ctx.from_output), None
+
+
+def _recording():
+    """Whether autograd records: grad mode on, outside inference mode (which records nothing,
+    even under enable_grad)."""
+    return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
 def _check_inplace(x):
     """PyTorch's refusals of in-place ops, in its order, before anything is written: on
     inference tensors outside inference mode, on leaves (or their views) that require grad, and
@@ -439,7 +488,7 @@ def _check_inplace(x):
                            "allowed.You can make a clone to get a normal tensor before doing "
                            "inplace update.See https://github.com/pytorch/rfcs/pull/17 for more "
                            "details.")
-    if x.requires_grad and torch.is_grad_enabled():
+    if x.requires_grad and _recording():
         if x.is_leaf:
             raise RuntimeError("a leaf Variable that requires grad is being used in an in-place "
                                "operation.")
@@ -460,8 +509,10 @@ def _activate(kind, x, param, weight, inplace, want_counts):
         return _traced(kind, x, param, weight, inplace, want_counts)
     if inplace:
         _check_inplace(x)
-    if torch.is_grad_enabled() and (x.requires_grad or
-                                    (weight is not None and weight.requires_grad)):
+        if torch._debug_has_internal_overlap(x) == 2 and not want_counts:
+            # elements that may share memory: PyTorch writes them its own way, and so here
+            return kind.native_inplace(x, param), None
+    if _recording() and (x.requires_grad or (weight is not None and weight.requires_grad)):
         stats_sink = [] if want_counts else None
         y = _EagerActivation.apply(x, weight, kind, param, inplace, stats_sink)
         return y, stats_sink[0] if want_counts else None
@@ -495,12 +546,18 @@ def _small(n, crossover):
 def _needs_native(kind, x):
     """What makes a call PyTorch's own, or None: forward-mode AD (a dual level is open),
     torch.func transforms and torch.jit.trace, which fastrelu's eager autograd.Function and
-    kernel calls do not take part in (the trace would record an empty result), and autocast
-    for PReLU, whose inputs PyTorch casts."""
+    kernel calls do not take part in (the trace would record an empty result), autocast for
+    PReLU, whose inputs PyTorch casts, tensors of more than NumPy's 64 dimensions, and a tensor
+    whose negative bit is set (its memory holds the negated values: an in-place call must write
+    it through PyTorch)."""
     if kind is _PRELU and torch.is_autocast_enabled(x.device.type):
         return "autocast"
+    if x.dim() > 64:
+        return "a tensor of more than 64 dimensions"
     if torch.compiler.is_compiling():
         return None
+    if x.is_neg():
+        return "a lazily negated tensor"
     if _forward_ad._current_level >= 0:
         return "forward-mode AD"
     if torch._C._functorch.peek_interpreter_stack() is not None:
@@ -599,12 +656,8 @@ else:
             "before compiling")
 
 
-# CROSSOVER's tables by x.is_cuda, for the modules' fast path
-_CROSSOVERS = (CROSSOVER["cpu"], CROSSOVER["cuda"])
-
-
 def _below_crossover(kind, x):
-    return _small(x.numel(), _CROSSOVERS[x.is_cuda][kind.name])
+    return _small(x.numel(), CROSSOVER["cuda" if x.is_cuda else "cpu"][kind.name])
 
 
 class _Tracked:
@@ -623,7 +676,7 @@ class _Tracked:
     def forward(self, input):
         # small plain tensors first, in as few steps as possible: this is all they pay
         if type(input) is Tensor and not self.track_stats:
-            limit = _CROSSOVERS[input.is_cuda][self._op_name]
+            limit = CROSSOVER["cuda" if input.is_cuda else "cpu"][self._op_name]
             if limit == _NEVER or _small(input.numel(), limit):
                 return self._native(input)
         kind = self._kind
@@ -653,7 +706,8 @@ class _Tracked:
         y, stats = _activate(kind, input, param, weight, inplace, True)
         if isinstance(stats, Tensor):  # traced: the counts are an output of the graph
             per_unit = input.numel() // _units(input)
-            self._last_stats = (stats, per_unit)
+            if not torch.compiler.is_exporting():  # export's fake counts are no batch's
+                self._last_stats = (stats, per_unit)
             if self._tracker is not None:
                 _feed_tracker(stats, per_unit, id(self))
         else:

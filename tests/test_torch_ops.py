@@ -653,3 +653,114 @@ def test_inplace_refusals_come_in_pytorch_s_order(always_fastrelu):
     for fn in (lambda t: F.relu(t, inplace=True), lambda t: frt.relu(t, inplace=True)):
         with pytest.raises(RuntimeError, match="a view of a leaf Variable"):
             fn(leaf.expand(4, 8))
+
+
+@pytest.mark.parametrize("name,fast,native", UNARY, ids=[n for n, _, _ in UNARY])
+def test_batched_gradients_and_vectorized_jacobians(always_fastrelu, name, fast, native):
+    """is_grads_batched runs the backward under vmap: it gets PyTorch's formulas there."""
+    x = away_from_zero((4, 3, 5)).requires_grad_()
+    grads = torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    results = [torch.autograd.grad(fn(x), x, grads, is_grads_batched=True)[0]
+               for fn in (fast, native)]
+    torch.testing.assert_close(results[0], results[1], rtol=1e-15, atol=0)
+    x = away_from_zero((2, 3, 2))
+    jac = [torch.autograd.functional.jacobian(fn, x, vectorize=True) for fn in (fast, native)]
+    torch.testing.assert_close(jac[0], jac[1], rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("name,fast,native", UNARY, ids=[n for n, _, _ in UNARY])
+def test_forward_over_reverse_carries_the_tangent(always_fastrelu, name, fast, native):
+    """A graph built before a dual level opens, then differentiated with a dual gradient."""
+    import torch.autograd.forward_ad as fwad
+    x = away_from_zero((4, 3, 5)).requires_grad_()
+    g, v = torch.randn(4, 3, 5, dtype=torch.float64), torch.randn(4, 3, 5, dtype=torch.float64)
+    for create_graph in (False, True):
+        results = []
+        for fn in (fast, native):
+            y = fn(x)
+            with fwad.dual_level():
+                gx, = torch.autograd.grad(y, x, fwad.make_dual(g, v), create_graph=create_graph)
+                results.append(fwad.unpack_dual(gx))
+        assert results[0].tangent is not None
+        torch.testing.assert_close(results[0].primal, results[1].primal, rtol=1e-15, atol=0)
+        torch.testing.assert_close(results[0].tangent, results[1].tangent, rtol=1e-15, atol=0)
+
+
+def test_lazily_negated_tensors(always_fastrelu):
+    """conj().imag is a view with the negative bit set: its values, not its memory's."""
+    z = torch.randn(2, 3, 4, dtype=torch.complex64)
+    for fast, native in [(lambda t: frt.elu(t), lambda t: F.elu(t)),
+                         (lambda t: frt.PReLU(3)(t), lambda t: torch.nn.PReLU(3)(t)),
+                         (lambda t: frt.relu(t, inplace=True), lambda t: F.relu(t, inplace=True))]:
+        a, b = z.clone().conj().imag, z.clone().conj().imag
+        assert a.is_neg()
+        assert torch.equal(fast(a), native(b))
+        assert torch.equal(a, b)  # in place, both wrote the negated view the same way
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    w = torch.randn(3, dtype=torch.complex64).conj().imag
+    g = torch.randn(2, 3, 4, dtype=torch.complex64).conj().imag
+    fast = torch.autograd.grad(frt.prelu(x, w), x, g)[0]
+    assert torch.equal(fast, torch.autograd.grad(F.prelu(x, w), x, g)[0])
+
+
+def test_inference_mode_records_nothing_even_under_enable_grad(always_fastrelu):
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    with torch.inference_mode(), torch.enable_grad():
+        for y in (frt.elu(x), frt.PReLU(3)(torch.randn(2, 3, 4)), frt.relu(x)):
+            assert not y.requires_grad and y.grad_fn is None
+        leaf = torch.randn(2, 3, requires_grad=True)
+        frt.relu(leaf, inplace=True)  # PyTorch allows it there, as nothing is recorded
+        assert (leaf >= 0).all()
+
+
+def test_double_backward_at_zero_follows_pytorch(always_fastrelu):
+    """PyTorch's double backward takes x < 0 for ELU and x >= 0 as PReLU's positive side."""
+    x0 = torch.tensor([[0.0, -1.0, 1.0, -0.0, float("nan")]], dtype=torch.float64).T
+    results = []
+    for elu, prelu in ((frt.elu, frt.prelu), (F.elu, F.prelu)):
+        x = x0.clone().requires_grad_()
+        w = torch.tensor([0.25], dtype=torch.float64, requires_grad=True)
+        g = torch.ones_like(x, requires_grad=True)
+        dx, = torch.autograd.grad(elu(x, 2.0), x, g, create_graph=True)
+        second = torch.autograd.grad(dx.sum(), (x, g))
+        dx, dw = torch.autograd.grad(prelu(x, w), (x, w), g, create_graph=True)
+        third = torch.autograd.grad(dx.sum() + dw.sum(), (x, w, g))
+        results.append(second + third)
+    for fast, native in zip(*results):
+        torch.testing.assert_close(fast, native, rtol=1e-15, atol=0, equal_nan=True)
+
+
+def test_inplace_on_possibly_overlapping_elements_runs_as_pytorch(always_fastrelu):
+    """Elements that may share memory (PyTorch cannot tell): PyTorch proceeds, so does this."""
+    base = torch.randn(34)
+    a, b = base.clone(), base.clone()
+    frt.elu(a.as_strided((16, 4), (2, 1)), inplace=True)
+    F.elu(b.as_strided((16, 4), (2, 1)), inplace=True)
+    assert torch.equal(a, b)
+
+
+def test_more_dimensions_than_numpy_takes(always_fastrelu):
+    x = torch.randn([1] * 65 + [3])
+    assert torch.equal(frt.elu(x), F.elu(x))
+
+
+def test_crossover_tables_are_read_at_every_call(monkeypatch):
+    calls = []
+    monkeypatch.setitem(frt.CROSSOVER, "cpu", dict(frt.CROSSOVER["cpu"], elu=0))
+    monkeypatch.setattr(frt._ELU, "forward",
+                        lambda *args, f=frt._ELU.forward: calls.append(1) or f(*args))
+    x = torch.randn(4, 3)
+    frt.elu(x)
+    frt.ELU()(x)
+    assert len(calls) == 2  # the functional op and the module both took fastrelu's kernels
+
+
+def test_export_leaves_the_statistics_of_real_batches(always_fastrelu):
+    """torch.export traces with fake tensors: no batch's statistics come of it."""
+    m = torch.nn.Sequential(torch.nn.Linear(4, 3), frt.ReLU(track_stats=True))
+    torch.export.export(m, (torch.randn(5, 4),))
+    assert m[1].stats is None
+    x = torch.randn(5, 4)
+    m(x)
+    torch.export.export(m, (torch.randn(5, 4),))
+    assert m[1].stats.positive.tolist() == (m[0](x) > 0).sum(0).tolist()
