@@ -295,6 +295,7 @@ class Case:
         self.buffers = []
         self.problems = []       # (argument, pattern the error must match)
         self.may_refuse = False  # an out whose elements overlap each other
+        self.wide_params = []    # parameters beyond float32's range (see run)
         self.dtype_set = False   # an input array sets the dtype
         self.dtype = np.dtype(self.draw(st.sampled_from(DTYPES), label="dtype"))
         self.big = self.draw(st.sampled_from([False] * 24 + [True]), label="big")
@@ -455,7 +456,10 @@ class Case:
             return True, self.hostile(problem_name or name, pool, NAMES[name])
         if self.draw(st.sampled_from([True, False]), label=f"{name} default"):
             return False, default
-        return True, self.draw(st.sampled_from(valid_params(nonnegative)), label=name)
+        value = self.draw(st.sampled_from(valid_params(nonnegative)), label=name)
+        if abs(float(value)) > np.finfo(np.float32).max:
+            self.wide_params.append(name)
+        return True, value
 
     def flag(self, name):
         """(passed, value, truth)."""
@@ -627,18 +631,22 @@ class Case:
                         result = fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - its type is what is checked
                 error = exc
+        # data computed in float32 refuses a parameter beyond its range, after every other check
+        problems = self.problems or [(name, rf"{name}=.* beyond the range of float32")
+                                     for name in self.wide_params
+                                     if self.result_dtype.itemsize < 8]
         if error is not None:
             assert isinstance(error, (TypeError, ValueError)), \
                 f"{type(error).__name__} raised: {error}"
             for buf, old in zip(self.buffers, before):
                 assert np.array_equal(buf, old), f"arrays modified by a call that raised {error!r}"
-            assert self.problems or self.may_refuse, f"a valid call raised {error!r}"
-            if len(self.problems) == 1:
-                name, pattern = self.problems[0]
+            assert problems or self.may_refuse, f"a valid call raised {error!r}"
+            if len(problems) == 1:
+                name, pattern = problems[0]
                 assert re.search(pattern, str(error)), \
                     f"the error does not name {name}: {type(error).__name__}: {error}"
             return None
-        assert not self.problems, f"accepted, but should raise: {self.problems}"
+        assert not problems, f"accepted, but should raise: {problems}"
         written = [a for a in outs if isinstance(a, np.ndarray)]
         for buf, old in zip(self.buffers, before):
             allowed = np.zeros(buf.size, bool)
