@@ -39,12 +39,16 @@ def set_num_threads(n):
     _set_capped(n, "set_num_threads")
 
 
+def _warn_capped(source, n, cap, stacklevel):
+    warnings.warn(f"{source} asked for {n} threads; fastrelu uses at most {cap} on this "
+                  f"machine ({_cpu.THREADS_PER_CPU} per logical CPU, or OMP_THREAD_LIMIT)",
+                  RuntimeWarning, stacklevel=stacklevel + 1)
+
+
 def _set_capped(n, source):
     cap = _cpu.thread_cap()
     if n > cap:
-        warnings.warn(f"{source} asked for {n} threads; fastrelu uses at most {cap} on this "
-                      f"machine ({_cpu.THREADS_PER_CPU} per logical CPU, or OMP_THREAD_LIMIT)",
-                      RuntimeWarning, stacklevel=3)
+        _warn_capped(source, n, cap, stacklevel=3)
         n = cap
     _cpu.set_num_threads(n)
 
@@ -54,6 +58,10 @@ def _threads_from_environment():
     set_num_threads); anything else is an error naming the variable."""
     requested = os.environ.get("FASTRELU_NUM_THREADS", "").strip()
     if not requested:
+        # OpenMP reads OMP_NUM_THREADS itself, and the kernels cap it: said as for the others
+        omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+        if omp.isascii() and omp.isdigit() and (len(omp) > 18 or int(omp) > _cpu.thread_cap()):
+            _warn_capped("OMP_NUM_THREADS", omp, _cpu.thread_cap(), stacklevel=3)
         return
     if not (requested.isascii() and requested.isdigit()) or not requested.strip("0"):
         raise ValueError(f"FASTRELU_NUM_THREADS must be a positive integer, not {requested!r}")

@@ -409,8 +409,8 @@ def test_absurd_thread_counts_from_the_environment_are_capped(env):
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["True", str(-float(1 << 20))]
     assert "Traceback" not in res.stderr and "OverflowError" not in res.stderr
-    if "FASTRELU_NUM_THREADS" in env:
-        assert "FASTRELU_NUM_THREADS asked for" in res.stderr
+    if "FASTRELU_NUM_THREADS" in env or "FASTRELU_NUM_THREADS" not in full_env:
+        assert f"{next(iter(env))} asked for" in res.stderr
 
 
 @pytest.mark.parametrize("value", ["1e5", "-3", "0", "two", "3.0"])
