@@ -18,7 +18,7 @@ except ImportError:  # NumPy < 1.25
     from numpy import AxisError
 
 _FLOAT_DTYPES = {c: np.dtype(c) for c in "efd"}  # float16, float32, float64 by type character
-_PYTHON_VALUES = (list, tuple, int, float)
+_PYTHON_VALUES = (list, tuple, range, int, float)
 _MAX_FLOAT32 = 3.4028234663852886e38  # float32's largest finite value
 
 

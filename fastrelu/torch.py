@@ -578,7 +578,10 @@ def _number(value, x):
     PyTorch, which refuses a parameter that overflows the type it computes in)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and \
             not isinstance(value, torch.SymFloat):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond float64: PyTorch's op says so in its words
+            return None
         if abs(value) <= _PARAM_MAX[x.dtype]:
             return value
     return None

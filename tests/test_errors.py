@@ -171,6 +171,13 @@ def test_parameters_beyond_float32_are_refused_for_data_computed_in_float32(dtyp
     assert fastrelu.elu([-1.0], 1e300)[0] == 1e300 * np.expm1(-1.0)  # a list is float64
 
 
+def test_python_ranges_are_numbers_like_lists():
+    np.testing.assert_array_equal(fastrelu.relu(range(-2, 3)), fastrelu.relu([-2, -1, 0, 1, 2]))
+    assert fastrelu.relu(range(-2, 3)).dtype == np.float64
+    w = fastrelu.prelu(X, range(4))  # a weight list takes x's dtype
+    assert w.dtype == np.float32 and w[0, 0] == 0
+
+
 def test_parameters_accept_numpy_scalars():
     assert fastrelu.leaky_relu(X, np.float32(0.5))[0, 0] == np.float32(-1.0)
     assert fastrelu.elu(X, np.array(2))[1, 3] == X[1, 3]

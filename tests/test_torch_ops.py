@@ -764,3 +764,10 @@ def test_export_leaves_the_statistics_of_real_batches(always_fastrelu):
     m(x)
     torch.export.export(m, (torch.randn(5, 4),))
     assert m[1].stats.positive.tolist() == (m[0](x) > 0).sum(0).tolist()
+
+
+def test_an_integer_beyond_float64_gets_pytorch_s_error(always_fastrelu):
+    x = torch.randn(4, 3)
+    for fn in (F.leaky_relu, frt.leaky_relu, F.elu, frt.elu):
+        with pytest.raises(OverflowError, match="int too big to convert"):
+            fn(x, 10**400)
