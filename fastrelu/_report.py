@@ -543,7 +543,8 @@ def allocates(impl, op, library):
 
 SPREAD_LIMIT = 0.10  # a ratio whose interquartile range is wider than this share of it is unstable
 PRECISION = 0.02  # a group is measured again while a ratio's median is less certain than this
-EXTRA_ROUNDS = 40  # rounds, at most, added to a group for its precision
+EXTRA_ROUNDS = 80  # rounds, at most, added to a group for its precision
+EXTRA_TIME = 4  # ... while the group has had less than this many times its budget
 PASSES = 15  # passes of a report's section over all of its groups (see measure_groups)
 
 
@@ -675,7 +676,7 @@ def measure_groups(groups, timing, passes=1, progress=None, labels=None):
     conditions, so that two runs agree.  A group that has had its budget and min_rounds sits
     out the rest of the passes.  A group with a ratio whose median is less certain than PRECISION
     (its spread is wide for its rounds) is then measured again, up to EXTRA_ROUNDS more rounds
-    and while it has taken less than twice the budget: more rounds, so that a burst of load on the
+    and while it has taken less than EXTRA_TIME budgets: more rounds, so that a burst of load on the
     machine is outvoted and the median settles; ratios spread wider than SPREAD_LIMIT are marked
     unstable.  progress(), when given, is called after each of the `passes` passes over a group
     (or its place in a pass it sits out), and shows its label."""
@@ -701,7 +702,7 @@ def measure_groups(groups, timing, passes=1, progress=None, labels=None):
     for p in range(passes):
         measure(order if p % 2 == 0 else order[::-1], main=True)
     for _ in range(math.ceil(EXTRA_ROUNDS / share.rounds)):
-        again = [i for i in order if state[i].seconds < 2 * timing.budget and
+        again = [i for i in order if state[i].seconds < EXTRA_TIME * timing.budget and
                  max((r["error"] for r in state[i].result().ratios.values()), default=0.0)
                  > PRECISION]
         if not again:

@@ -27,13 +27,13 @@ import numpy as np
 
 from . import _cpu, _step_bench
 from ._api import prelu, prelu_backward
-from ._report import (CHANNELS, EXTRA_ROUNDS, FASTRELU, PASSES, PRECISION, SPREAD_LIMIT,
+from ._report import (CHANNELS, EXTRA_ROUNDS, EXTRA_TIME, FASTRELU, PASSES, PRECISION, SPREAD_LIMIT,
                       VALUE_CASES, Backend, Data, Progress, UsageError, available_memory_bytes,
                       check_threads, cost_ratios, element_count, entries, fastrelu_impls,
                       format_time, human_size, installed, last_level_cache_bytes,
-                      machine_description, measure, measure_groups, memory_batches,
-                      op_directions, pass_count, plot_report, recipe_impls, report_options,
-                      size_plan, sweep, timed, write_json)
+                      machine_description, measure, measure_groups, memory_batches, op_directions,
+                      pass_count, plot_report, recipe_impls, report_options, size_plan, sweep,
+                      timed, write_json)
 from ._runtime import get_num_threads, set_num_threads
 
 DEFAULT_SIZES = ("1e3", "1e5", "1e6", "stream")
@@ -491,8 +491,9 @@ def run(options, backend, sizes, threads=None):
                                                                   "after": after},
             "method": {"rounds": timing.rounds, "min_rounds": timing.min_rounds,
                        "sample_seconds": timing.min_time, "group_budget_seconds": timing.budget,
-                       "passes": pass_count(timing), "spread_limit": SPREAD_LIMIT, "precision": PRECISION,
-                       "extra_rounds": EXTRA_ROUNDS},
+                       "passes": pass_count(timing), "spread_limit": SPREAD_LIMIT,
+                       "precision": PRECISION, "extra_rounds": EXTRA_ROUNDS,
+                       "extra_time_budgets": EXTRA_TIME},
             "rows": all_rows, "cost_ratios": ratios, **extras})
     if options.plot is not None:
         panels = [plot_values(extras["value_sweep"]), plot_steps(extras["training_step"])] \

@@ -2,7 +2,8 @@
 
 Each is written straight from the contract (conditions evaluated exactly as written, so NaN,
 signed zeros and infinities follow from them), the way people write these ops in NumPy today.
-float16 and bfloat16 are computed in float32, like the kernels.  No validation: pass NumPy float arrays.
+float16 and bfloat16 are computed in float32, like the kernels.  No validation: pass NumPy float
+arrays.
 """
 import functools
 

@@ -173,7 +173,7 @@ _INPLACE_REFUSAL = {
 }
 
 
-# ---- custom operators (torch.compile, torch.export, double backward) ------------------------------
+# ---- custom operators (torch.compile, torch.export, double backward) ----------------------------
 
 
 def _define(name, schema, impl, fake, mutates=()):
