@@ -56,8 +56,8 @@ def _from_python(name, value, dtype):
         arr = np.asarray(value)
     except Exception as exc:  # an element's own __array__ may raise anything
         raise TypeError(f"{name} must be an array of real numbers: {exc}") from None
-    if arr.dtype.kind == "O" and all(type(v) is int for v in arr.flat):
-        try:  # integers beyond 64 bits
+    if arr.dtype.kind == "O" and all(type(v) in (int, float) for v in arr.flat):
+        try:  # integers beyond 64 bits, alone or among floats
             arr = arr.astype(np.float64)
         except OverflowError:
             raise ValueError(f"{name} has an integer beyond the float range") from None
@@ -83,7 +83,8 @@ def _host_arrays(named):
                 value = np.asarray(value)
             except Exception as exc:
                 raise TypeError(f"{name} is not an array: {exc}") from None
-            if value.dtype.kind in "OUSV":
+            if value.dtype.kind in "OUS" or (value.dtype.kind == "V" and
+                                              not _cpu.is_bfloat16(value.dtype)):
                 raise TypeError(f"{name} must be an array of real numbers, "
                                 f"not {type(original).__name__}")
         dt = _array_dtype(name, value)

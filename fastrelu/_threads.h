@@ -45,7 +45,8 @@ static int fr_thread_cap(void) { return fr_max_threads; }
 /* set_num_threads(n) is OpenMP's own limit on the calling thread (omp_set_num_threads, as
  * threadpoolctl and torch.set_num_threads use), so a later threadpoolctl limit there overrides
  * it, whatever its value; other threads, whose OpenMP limit is still the default, take n too
- * unless their own limit has been changed.  Never more than the cap. */
+ * unless their own limit has been changed (to another value: OpenMP cannot say whether a limit
+ * equal to the default was set).  Never more than the cap. */
 static int fr_get_num_threads(void) {
 #ifdef _OPENMP
     int n = omp_get_max_threads();

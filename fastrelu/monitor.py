@@ -27,6 +27,8 @@ class ActivationStats:
         if type(per_unit) is not int and (isinstance(per_unit, (bool, np.bool_)) or
                                           not isinstance(per_unit, np.integer)) or per_unit < 0:
             raise TypeError(f"per_unit must be an integer >= 0, not {per_unit!r}")
+        if per_unit > np.iinfo(np.int64).max:
+            raise ValueError(f"per_unit={per_unit} is beyond the int64 counts")
         if positive.size and not (0 <= positive.min() and positive.max() <= per_unit):
             raise ValueError(f"positive counts must lie in [0, per_unit={per_unit}], got "
                              f"{positive.min()} to {positive.max()}")

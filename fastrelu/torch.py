@@ -388,8 +388,11 @@ def _traced(kind, x, param, weight, inplace, want_counts):
     if inplace and not want_counts and not needs_grad:
         inplace_op(*args)
         return x, None
-    if inplace and needs_grad and not kind.saves_output(param) and kind.inplace_ok(param):
-        args = (x.clone(),) + args[1:]  # the op saves its input, which the copy overwrites
+    if inplace and needs_grad and not kind.saves_output(param):
+        # the op saves its input, which the copy overwrites; a negative parameter's gradient,
+        # which eager mode refuses (the output cannot give it), then comes from the clone, as
+        # PyTorch's compiled graphs give it
+        args = (x.clone(),) + args[1:]
     if want_counts:
         y, counts = counting(*args)
     else:
@@ -479,22 +482,50 @@ def _recording():
     return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
 
+_CREATION = getattr(torch._C._autograd, "CreationMeta", None)
+_VIEW_REFUSALS = {} if _CREATION is None else {
+    _CREATION.NO_GRAD_MODE:
+        "A view was created in no_grad mode and is being modified inplace with grad mode "
+        "enabled. Given that this use case is ambiguous and error-prone, it is forbidden. You can "
+        "clarify your code by moving both the view and the inplace either both inside the "
+        "no_grad block (if you don't want the inplace to be tracked) or both outside (if you "
+        "want the inplace to be tracked).",
+    _CREATION.INFERENCE_MODE:
+        "A view was created in inference mode and is being modified inplace in normal mode. "
+        "Given that this use case is ambiguous and error-prone, it is forbidden. You can clarify "
+        "your code by moving both the view and the inplace either both inside the "
+        "inference_mode block (if you don't want the inplace to be tracked) or both outside (if "
+        "you want the inplace to be tracked).",
+}
+
+
+def _creation_meta(view):
+    """How a view was made (PyTorch refuses to write some in place), or None if unknown."""
+    get = getattr(torch._C._autograd, "_get_creation_meta", None)
+    return None if get is None else get(view)
+
+
 def _check_inplace(x):
     """PyTorch's refusals of in-place ops, in its order, before anything is written: on
-    inference tensors outside inference mode, on leaves (or their views) that require grad, and
-    on tensors whose elements share memory."""
+    inference tensors outside inference mode, on views made under no_grad or inference mode
+    and on leaves (or their views) that require grad, and on tensors whose elements share
+    memory."""
     if x.is_inference() and not torch.is_inference_mode_enabled():
         raise RuntimeError("Inplace update to inference tensor outside InferenceMode is not "
                            "allowed.You can make a clone to get a normal tensor before doing "
                            "inplace update.See https://github.com/pytorch/rfcs/pull/17 for more "
                            "details.")
     if x.requires_grad and _recording():
+        if x._is_view():
+            refusal = _VIEW_REFUSALS.get(_creation_meta(x))
+            if refusal is not None:
+                raise RuntimeError(refusal)
+            if x._base.is_leaf:
+                raise RuntimeError("a view of a leaf Variable that requires grad is being used "
+                                   "in an in-place operation.")
         if x.is_leaf:
             raise RuntimeError("a leaf Variable that requires grad is being used in an in-place "
                                "operation.")
-        if x._is_view() and x._base.is_leaf:
-            raise RuntimeError("a view of a leaf Variable that requires grad is being used in "
-                               "an in-place operation.")
     if torch._debug_has_internal_overlap(x) == 1:
         raise RuntimeError("unsupported operation: more than one element of the written-to "
                            "tensor refers to a single memory location. Please clone() the "
@@ -675,6 +706,13 @@ class _Tracked:
     _tracker_name = None
     _param_name = None  # the torch module's attribute holding the op's parameter
     _op_name = None  # its kind's name, read once a call on the fast path
+
+    def __setstate__(self, state):
+        # a copy (deepcopy, pickle, torch.load) of a tracked module feeds its own tracker, also
+        # from compiled graphs, which find it by id
+        super().__setstate__(state)
+        if self._tracker is not None:
+            _TRACKED[id(self)] = self
 
     def forward(self, input):
         # small plain tensors first, in as few steps as possible: this is all they pay

@@ -110,6 +110,17 @@ def test_statistics_bias_in_place_and_0d():
         == -0.5
 
 
+def test_bfloat16_scalars_are_0d_arrays():
+    # an ml_dtypes scalar is taken as NumPy's float scalars are: as a 0-d array of its dtype
+    y = fastrelu.relu(BF16.type(-1.5))
+    assert y.dtype == BF16 and y.shape == () and float(y) == 0.0
+    assert_bitwise(fastrelu.prelu(bf16([-1.0, 2.0]), BF16.type(0.25)), bf16([-0.25, 2.0]))
+    dx = fastrelu.relu_backward(BF16.type(3.0), BF16.type(2.0))
+    assert dx.dtype == BF16 and float(dx) == 3.0
+    with pytest.raises(TypeError, match="not a real floating-point type"):
+        fastrelu.relu(np.zeros(3, "V2"))
+
+
 def test_channels_last_and_python_parameters():
     x = np.ascontiguousarray(sample((2, 3, 4, 5)).transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     w = [0.25, -0.5, 2.0]  # a Python list takes the data's dtype

@@ -178,6 +178,14 @@ def test_python_ranges_are_numbers_like_lists():
     assert w.dtype == np.float32 and w[0, 0] == 0
 
 
+def test_big_python_integers_among_floats_are_numbers():
+    np.testing.assert_array_equal(fastrelu.relu([2**70, -1.5, 3]), [2.0**70, 0.0, 3.0])
+    with pytest.raises(ValueError, match="integer beyond the float range"):
+        fastrelu.relu([2**1100, 1.5])
+    with pytest.raises(TypeError, match="must contain real numbers"):
+        fastrelu.relu([2**70, "1"])
+
+
 def test_parameters_accept_numpy_scalars():
     assert fastrelu.leaky_relu(X, np.float32(0.5))[0, 0] == np.float32(-1.0)
     assert fastrelu.elu(X, np.array(2))[1, 3] == X[1, 3]

@@ -122,6 +122,9 @@ def test_activation_stats_counts_are_checked():
         tracker.update("h", ActivationStats(np.array([3, 0], np.uint64), 4))
     assert tracker.stats("h").positive.tolist() == [6, 0]
     assert tracker.stats("h").per_unit == 8
+    # int64 holds the counts: an unsigned count beyond it is not wrapped around
+    with pytest.raises(ValueError, match="beyond the int64 counts"):
+        ActivationStats(np.array([2**63], np.uint64), 2**64)
 
 
 # ---- fused bias + activation --------------------------------------------------------------------

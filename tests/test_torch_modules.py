@@ -1,6 +1,7 @@
 """fastrelu.torch's modules, convert() and the statistics against torch.nn: identity, repr,
 state_dict, training to the same weights, torch.compile(fullgraph=True) and torch.export."""
 import copy
+import pickle
 
 import numpy as np
 import pytest
@@ -315,6 +316,46 @@ def test_compile_inplace_without_grad(always_fastrelu):
         y = fn(x)
     assert torch.equal(x, expected) and torch.equal(y, expected)
     assert fastrelu_targets(graphs) == {"fastrelu.leaky_relu_.default"}
+
+
+@pytest.mark.parametrize("module", [nn.LeakyReLU(-0.2, inplace=True),
+                                    nn.ELU(alpha=-0.5, inplace=True)], ids=["leaky", "elu"])
+def test_compile_inplace_with_a_negative_parameter_and_grad(always_fastrelu, module):
+    # eager mode refuses its backward (the output cannot give the gradient); compiled, the
+    # gradient comes from a copy of the input, as PyTorch's compiled graphs give it
+    torch.manual_seed(0)
+    native = nn.Sequential(nn.Linear(8, 8), copy.deepcopy(module))
+    converted = frt.convert(copy.deepcopy(native))
+    x = torch.randn(16, 8)
+    torch._dynamo.reset()
+    y = torch.compile(converted, fullgraph=True)(x)
+    y.sum().backward()
+    reference = nn.Sequential(native[0], type(module)(module.negative_slope if
+                                                      hasattr(module, "negative_slope")
+                                                      else module.alpha))
+    expected = reference(x)
+    expected.sum().backward()
+    if isinstance(module, nn.LeakyReLU):
+        assert torch.equal(y, expected)
+    else:  # ELU: within 4 ulp
+        torch.testing.assert_close(y, expected, rtol=5e-7, atol=1e-7)
+    torch.testing.assert_close(converted[0].weight.grad, native[0].weight.grad)
+
+
+def test_a_copy_of_a_tracked_model_feeds_its_own_tracker_when_compiled():
+    tracker = fastrelu.DeadUnitTracker()
+    model = frt.convert(nn.Sequential(nn.Linear(4, 6), nn.ReLU()))
+    frt.track(model, tracker)
+    x = torch.randn(5, 4)
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        torch._dynamo.reset()
+        torch.compile(copied, fullgraph=True)(x)
+        own = copied[1]._tracker
+        assert own is not tracker
+        np.testing.assert_array_equal(own.stats("1").positive,
+                                      (copied[0](x) > 0).sum(dim=0).numpy())
+        assert own.end_epoch()["1"]["batches"] == 1
+    assert tracker.end_epoch() == {}  # the original saw no batch
 
 
 @pytest.mark.slow

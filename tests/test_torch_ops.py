@@ -301,6 +301,22 @@ def test_inplace_on_a_leaf_that_requires_grad_is_refused_before_writing(always_f
         fast(x, inplace=True)
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("fast, native", [(frt.relu, torch.relu_), (frt.elu, F.elu_)])
+def test_inplace_on_a_view_made_without_grad_is_refused_as_pytorch_does(always_fastrelu, mode,
+                                                                         fast, native):
+    base = torch.randn(2, 8, requires_grad=True) * 1.0
+    with mode():
+        view = base[0]
+    before = base.detach().clone()
+    with pytest.raises(RuntimeError) as expected:
+        native(view)
+    with pytest.raises(RuntimeError) as got:
+        fast(view, inplace=True)
+    assert str(got.value) == str(expected.value) and "inplace" in str(got.value)
+    assert torch.equal(base.detach(), before)
+
+
 def test_inplace_on_an_inference_tensor_follows_pytorch(always_fastrelu):
     with torch.inference_mode():
         x = torch.randn(6)
