@@ -735,7 +735,10 @@ class _Tracked:
             if not kernels_take_it:
                 return super().forward(input)
             return _activate(kind, input, param, weight, inplace, False)[0]
-        mode = isinstance(input, Tensor) and _needs_native(kind, input)
+        mode = isinstance(input, Tensor) and (
+            _needs_native(kind, input) or
+            (inplace and torch._debug_has_internal_overlap(input) == 2 and
+             "an in-place call on elements that may share memory"))
         if mode:
             raise RuntimeError(f"{type(self).__name__}(track_stats=True) counts in fastrelu's "
                                f"kernels, which {mode} does not reach: turn track_stats off "

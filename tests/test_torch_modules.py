@@ -456,6 +456,18 @@ def test_track_stats_refuses_forward_mode_ad_clearly():
             module(fwad.make_dual(torch.randn(2, 3), torch.ones(2, 3)))
 
 
+def test_track_stats_refuses_in_place_on_elements_that_may_share_memory():
+    base = torch.randn(100)
+    before = base.clone()
+    module = frt.ReLU(inplace=True, track_stats=True)
+    with pytest.raises(RuntimeError, match="may share memory.*turn track_stats off"):
+        module(base.as_strided((10, 10), (5, 1)))
+    assert torch.equal(base, before)
+    module.track_stats = False
+    module(base.as_strided((10, 10), (5, 1)))  # PyTorch's own kernel writes it
+    assert (base[:55] >= 0).all()  # the elements the view covers
+
+
 @pytest.mark.slow
 def test_symbolic_sizes_keep_pytorch_s_relu_and_leaky_relu():
     """ReLU and Leaky ReLU never take fastrelu's kernels by size, symbolic or not: an export with
