@@ -75,6 +75,13 @@ static FR_INLINE double FR_FN(weight_term)(FR_T v, FR_T g) {
 }
 #define FR_WEIGHT_TERM FR_FN(weight_term)
 
+/* g with its bits ANDed with `zero` (fr_opaque_zero): +0, computed from g (see FR_DX) */
+static FR_INLINE FR_T FR_FN(cleared)(FR_T g, FR_LANE_INT zero) {
+    union { FR_T f; FR_LANE_INT bits; } u = {g};
+    u.bits &= zero;
+    return u.f;
+}
+
 /* Counts are gathered in int32 lanes, as wide as float32's, one block of at most 2^30 elements at
  * a time, and added up in int64. */
 static FR_INLINE int64_t FR_FN(fwd_flat_t)(int op, const FR_T *x, FR_T *y, ptrdiff_t n, FR_T p,
@@ -99,11 +106,12 @@ static FR_INLINE double FR_FN(bwd_flat_t)(int op, const FR_T *g, const FR_T *x, 
                                          ptrdiff_t n, FR_T p, FR_T b, int sum,
                                          double *bias_sum) {
     double acc = 0.0, bacc = 0.0;
+    const FR_LANE_INT zero = (FR_LANE_INT)fr_opaque_zero;
 #pragma omp simd reduction(+ : acc, bacc)
     for (ptrdiff_t i = 0; i < n; i++) {
         FR_T v = x[i], gi = g[i];
         if (sum == FR_SUM_BIAS_WEIGHT) v = v + b;
-        FR_T d = FR_DX(op, v, gi, p, FR_T, FR_EXP);
+        FR_T d = FR_DX(op, v, gi, p, FR_T, FR_EXP, FR_FN(cleared)(gi, zero));
         dx[i] = d;
         if (FR_SUMS_WEIGHT(sum)) acc += FR_WEIGHT_TERM(v, gi);
         if (sum == FR_SUM_GRAD) acc += d;
@@ -189,13 +197,14 @@ static FR_INLINE void FR_FN(fwd_rows_t)(int op, const FR_T *x, FR_T *y, ptrdiff_
 static FR_INLINE void FR_FN(bwd_row_t)(int op, const FR_T *g, const FR_T *x, FR_T *dx,
                                       ptrdiff_t n, const FR_T *pw, const FR_T *pb, double *sums,
                                       double *bias_sums, int sum) {
+    const FR_LANE_INT zero = (FR_LANE_INT)fr_opaque_zero;
 #pragma omp simd
     for (ptrdiff_t j = 0; j < n; j++) {
         /* every column's parameter loaded, not only the negative ones': a plain load, not a
          * masked one */
         FR_T v = x[j], gj = g[j], w = pw[j];
         if (sum == FR_SUM_BIAS_WEIGHT) v = v + pb[j];
-        FR_T d = FR_DX(op, v, gj, w, FR_T, FR_EXP);
+        FR_T d = FR_DX(op, v, gj, w, FR_T, FR_EXP, FR_FN(cleared)(gj, zero));
         dx[j] = d;
         if (FR_SUMS_WEIGHT(sum)) sums[j] += FR_WEIGHT_TERM(v, gj);
         if (sum == FR_SUM_GRAD) sums[j] += d;
