@@ -737,7 +737,8 @@ class _Tracked:
             return _activate(kind, input, param, weight, inplace, False)[0]
         mode = isinstance(input, Tensor) and (
             _needs_native(kind, input) or
-            (inplace and torch._debug_has_internal_overlap(input) == 2 and
+            (inplace and not torch.compiler.is_compiling() and
+             torch._debug_has_internal_overlap(input) == 2 and
              "an in-place call on elements that may share memory"))
         if mode:
             raise RuntimeError(f"{type(self).__name__}(track_stats=True) counts in fastrelu's "
