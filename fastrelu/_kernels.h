@@ -154,8 +154,9 @@ typedef struct {
                                  int flags);
     double (*bwd_flat[FR_NOPS])(const void *g, const void *x, void *dx, ptrdiff_t n, double p,
                                 double b, int sum, double *bias_sum);
+    /* counts: in lanes as wide as the compute type's (int32 for float, int64 for double) */
     void (*fwd_rows[FR_NOPS])(const void *x, void *y, ptrdiff_t n, ptrdiff_t L, ptrdiff_t j0,
-                              const void *pw, const void *pb, int64_t *counts);
+                              const void *pw, const void *pb, void *counts);
     void (*bwd_rows[FR_NOPS])(const void *g, const void *x, void *dx, ptrdiff_t n, ptrdiff_t L,
                               ptrdiff_t j0, const void *pw, const void *pb, double *sums,
                               double *bias_sums, int sum);
@@ -297,11 +298,10 @@ static const char *fr_isa_name(void) { return fr_isa_in_use->name; }
 
 /* ---- one share: type dispatch, float16 and streaming stages ------------------------------- */
 
-#define FR_STAGE 1024 /* elements per staged step (float16, streamed outputs): buffers in L1 */
-/* Rows with sums are staged in whole rows, FR_STAGE_ROWS or more a stage (up to FR_STAGE_MAX
- * elements), so that the forward loops count statistics in blocks of rows there too. */
-#define FR_STAGE_MAX 4096
-#define FR_STAGE_ROWS 5
+/* Elements per staged step (float16, streamed outputs): buffers in L1.  Short stages keep reads
+ * and streamed writes overlapping: on Zen 5, stages of 4096 elements took 1.3x the time of 1024
+ * at STREAM size. */
+#define FR_STAGE 1024
 
 static size_t fr_itemsize(int dt) { return dt == FR_F16 || dt == FR_BF16 ? 2 : dt == FR_F32 ? 4 : 8; }
 
@@ -393,16 +393,6 @@ static fr_sum fr_run_native(const fr_job *job, const fr_loops *loops, const void
     return r;
 }
 
-/* Elements per stage: FR_STAGE, or whole rows of the rows layout when sums are gathered, as many
- * as fit in FR_STAGE_MAX and fill whole cache lines of the output. */
-static ptrdiff_t fr_stage_length(const fr_job *job, size_t isz, int row_sums) {
-    if (!job->L || !row_sums || job->L > FR_STAGE_MAX / FR_STAGE_ROWS) return FR_STAGE;
-    size_t line_rows = 1; /* rows per whole number of 64-byte lines */
-    while ((line_rows * (size_t)job->L * isz) % 64) line_rows *= 2;
-    const ptrdiff_t rows = FR_STAGE_MAX / job->L / (ptrdiff_t)line_rows * (ptrdiff_t)line_rows;
-    return rows >= FR_STAGE_ROWS ? rows * job->L : FR_STAGE;
-}
-
 /* n contiguous elements from element `at`.  Runs in place on the arrays, or in stages through
  * buffers in cache: float16 is converted to float32 and back, and streamed outputs are computed
  * into a buffer and then written with non-temporal stores. */
@@ -423,9 +413,9 @@ static fr_sum fr_run_stretch(const fr_job *job, ptrdiff_t at, ptrdiff_t n, doubl
     if (!half && !job->stream)
         return fr_run_native(job, loops, g, x, y, n, p, b, col, want_sum, row_sums,
                              row_bias_sums);
-    float gbuf[FR_STAGE_MAX], xbuf[FR_STAGE_MAX], obuf[FR_STAGE_MAX];
-    _Alignas(64) char ybuf[FR_STAGE_MAX * sizeof(double) + 64];
-    const ptrdiff_t stage = fr_stage_length(job, isz, row_sums != NULL);
+    float gbuf[FR_STAGE], xbuf[FR_STAGE];
+    _Alignas(64) char ybuf[FR_STAGE * sizeof(double) + 64];
+    const ptrdiff_t stage = FR_STAGE;
     fr_sum total = {0};
     /* stages after the first start on a cache line of the output, so that streamed stores never
      * share a line with ordinary ones */
@@ -443,26 +433,39 @@ static fr_sum fr_run_stretch(const fr_job *job, ptrdiff_t at, ptrdiff_t n, doubl
             to_float(xs, xbuf, m);
             gs = gbuf, xs = xbuf;
         }
-        /* a half result goes to a buffer of its own: written over its inputs, sums would be
-         * gathered a row at a time */
-        fr_sum r = fr_run_native(job, loops, gs, xs, half ? obuf : ys, m, p, b,
+        /* a half result is computed over its input in xbuf, then narrowed */
+        fr_sum r = fr_run_native(job, loops, gs, xs, half ? xbuf : ys, m, p, b,
                                  job->L ? (col + s) % job->L : 0, want_sum, row_sums,
                                  row_bias_sums);
         total.wsum += r.wsum;
         total.bsum += r.bsum;
         total.count += r.count;
-        if (half) from_float(obuf, ys, m);
+        if (half) from_float(xbuf, ys, m);
         if (job->stream) isa->stream_copy(y + s * isz, ystage, (size_t)m * isz);
     }
     return total;
 }
 
-/* Elements [a, b) of the job; sums (and bias_sums, for FR_SUM_BIAS_WEIGHT): this thread's
- * partials, or NULL. */
+/* int32 lanes count at most this many rows before they are added into the int64 sums */
+#define FR_LANE_ROWS ((ptrdiff_t)1 << 30)
+
+static void fr_add_lanes(int64_t *restrict sums, int32_t *restrict lanes, ptrdiff_t n) {
+    for (ptrdiff_t j = 0; j < n; j++) sums[j] += lanes[j];
+    memset(lanes, 0, (size_t)n * sizeof *lanes);
+}
+
+/* Elements [a, b) of the job; sums (and bias_sums, for FR_SUM_BIAS_WEIGHT): this chunk's
+ * partials, or NULL.  lanes: L zeroed int32 counts, with which a forward in the rows layout on
+ * float data counts before adding into sums, or NULL. */
 static void fr_run_share(const fr_job *job, ptrdiff_t a, ptrdiff_t b, void *sums,
-                         double *bias_sums) {
+                         double *bias_sums, int32_t *lanes) {
     if (job->L) {
-        if (b > a) fr_run_stretch(job, a, b - a, 0.0, 0.0, 0, sums, bias_sums);
+        for (ptrdiff_t at = a, end; at < b; at = end) {
+            end = lanes && b - at > FR_LANE_ROWS * job->L ? at + FR_LANE_ROWS * job->L : b;
+            fr_run_stretch(job, at, end - at, 0.0, 0.0, 0, lanes ? (void *)lanes : sums,
+                           bias_sums);
+            if (lanes) fr_add_lanes(sums, lanes, job->L);
+        }
         return;
     }
     for (ptrdiff_t pos = a; pos < b;) { /* one run of `inner` elements of channel c at a time */
@@ -533,12 +536,15 @@ static void fr_channel_sums(int backward, char *sums, ptrdiff_t C, ptrdiff_t inn
 }
 #undef FR_SUMS
 
-/* Adds up a region of n partial sums: every chunk's, and in rows every copy of the period, in
- * a fixed order into the first period; then each channel's columns.  Returns the C totals. */
-static const char *fr_total(const fr_job *job, char *sums, size_t n) {
+/* Adds up a region of partial sums, `len` for each chunk, `stride` slots apart: every chunk's,
+ * and in rows every copy of the period, in a fixed order into the first period; then each
+ * channel's columns.  Returns the C totals. */
+static const char *fr_total(const fr_job *job, char *sums, int chunks, size_t stride,
+                            size_t len) {
     const size_t width = job->L ? (size_t)job->C * (size_t)job->inner : (size_t)job->C;
-    for (size_t part = width; part < n; part += width)
-        fr_fold(job->backward, sums, sums + part * 8, width);
+    for (int c = 0; c < chunks; c++)
+        for (size_t part = c ? 0 : width; part < len; part += width)
+            fr_fold(job->backward, sums, sums + (c * stride + part) * 8, width);
     if (job->L && job->inner > 1) fr_channel_sums(job->backward, sums, job->C, job->inner);
     return sums;
 }
@@ -586,10 +592,12 @@ static int fr_chunks_for(ptrdiff_t n, int nt, size_t sum_len) {
 typedef struct {
     const fr_job *job;
     int chunks;
-    char *sums;    /* each chunk's partial sums (len 8-byte slots), or NULL */
-    size_t len;
+    char *sums;    /* each chunk's partial sums (len 8-byte slots, stride apart), or NULL */
+    size_t len, stride;
     size_t region; /* bytes of one region: the bias gradient's partials follow the first */
     int with_bias_grad;
+    int32_t *lanes; /* each chunk's len int32 counts (see fr_run_share), stride apart, or NULL */
+    /* every chunk zeroes its own sums and lanes */
 } fr_split;
 
 static void fr_run_chunk(void *arg, int chunk) {
@@ -597,8 +605,16 @@ static void fr_run_chunk(void *arg, int chunk) {
     const fr_job *job = split->job;
     ptrdiff_t a, b;
     fr_share(job->n, chunk, split->chunks, &a, &b);
-    char *mine = split->sums ? split->sums + (size_t)chunk * split->len * 8 : NULL;
-    fr_run_share(job, a, b, mine, split->with_bias_grad ? (double *)(mine + split->region) : NULL);
+    char *mine = NULL, *bias_sums = NULL;
+    int32_t *lanes = NULL;
+    if (split->sums) { /* zeroed here, by the thread that writes them */
+        mine = split->sums + (size_t)chunk * split->stride * 8;
+        memset(mine, 0, split->len * 8);
+        if (split->with_bias_grad) memset(bias_sums = mine + split->region, 0, split->len * 8);
+        if (split->lanes)
+            memset(lanes = split->lanes + (size_t)chunk * split->stride, 0, split->len * 4);
+    }
+    fr_run_share(job, a, b, mine, (double *)bias_sums, lanes);
     if (job->stream) _mm_sfence(); /* streamed stores are visible before the call returns */
 }
 
@@ -651,27 +667,34 @@ static int fr_run(fr_job *job) {
     const size_t len = job->L ? (size_t)job->L : (size_t)job->C;
     const int nt = fr_threads_for(job->n);
     const int chunks = fr_chunks_for(job->n, nt, want ? len : 0);
-    /* one region of partial sums (two with a bias gradient), each holding every chunk's */
-    const size_t region = (size_t)chunks * len * 8;
+    /* one region of partial sums (two with a bias gradient), each holding every chunk's; then,
+     * for counts over rows of float data, every chunk's int32 lanes.  Each chunk's sums start on
+     * a cache line of their own: threads running neighbouring chunks write them at every element,
+     * and a shared line would bounce between their cores (16 slots: a line of int32 lanes). */
+    const size_t stride = (len + 15) / 16 * 16;
+    const size_t region = (size_t)chunks * stride * 8;
+    const size_t lane_bytes = !job->backward && job->L && dt != FR_F64 ? region / 2 : 0;
+    const size_t sum_bytes = region * (with_bias_grad ? 2 : 1) + lane_bytes;
     char *sums = NULL;
-    if (want && !(sums = calloc(with_bias_grad ? 2 : 1, region))) {
+    if (want && !(sums = aligned_alloc(64, sum_bytes))) {
         free(rows);
         return -1;
     }
-    fr_split split = {job, chunks, sums, len, region, with_bias_grad};
+    fr_split split = {job, chunks, sums, len, stride, region, with_bias_grad,
+                      sums && lane_bytes ? (int32_t *)(sums + region) : NULL};
     fr_parallel(nt, chunks, fr_run_chunk, &split);
     if (sums) {
         if (!job->backward)
-            memcpy(job->counts, fr_total(job, sums, chunks * len), (size_t)job->C * sizeof(int64_t));
+            memcpy(job->counts, fr_total(job, sums, chunks, stride, len), (size_t)job->C * sizeof(int64_t));
         else if (fr_shared_weight_sum(job)) { /* the channels' sums, added in float64 */
-            const double *totals = (const double *)fr_total(job, sums, chunks * len);
+            const double *totals = (const double *)fr_total(job, sums, chunks, stride, len);
             double all = 0.0;
             for (ptrdiff_t c = 0; c < job->C; c++) all += totals[c];
             fr_store(dt, job->param_grad, 0, all);
         } else
-            fr_store_sums(dt, job->param_grad, fr_total(job, sums, chunks * len), job->C);
+            fr_store_sums(dt, job->param_grad, fr_total(job, sums, chunks, stride, len), job->C);
         if (with_bias_grad)
-            fr_store_sums(dt, job->bias_grad, fr_total(job, sums + region, chunks * len), job->C);
+            fr_store_sums(dt, job->bias_grad, fr_total(job, sums + region, chunks, stride, len), job->C);
         free(sums);
     }
     free(rows);

@@ -122,9 +122,10 @@ static FR_INLINE double FR_FN(bwd_flat_t)(int op, const FR_T *g, const FR_T *x, 
 }
 
 /* One stretch of a rows loop: columns j0 .. j0+n-1 of one row, n <= L - j0; pw, pb and the sums
- * start at column j0. */
+ * start at column j0.  Counts are gathered in lanes as wide as the data's (int32 for float: no
+ * widening per element), which the driver widens once a chunk. */
 static FR_INLINE void FR_FN(fwd_row_t)(int op, const FR_T *x, FR_T *y, ptrdiff_t n,
-                                      const FR_T *pw, const FR_T *pb, int64_t *counts,
+                                      const FR_T *pw, const FR_T *pb, FR_LANE_INT *counts,
                                       int flags) {
 #pragma omp simd
     for (ptrdiff_t j = 0; j < n; j++) {
@@ -135,55 +136,16 @@ static FR_INLINE void FR_FN(fwd_row_t)(int op, const FR_T *x, FR_T *y, ptrdiff_t
     }
 }
 
-/* Sums per column (counts forward, weight and bias gradients backward) are gathered over blocks
- * of up to FR_BLOCK_ROWS rows and tiles of up to FR_TILE columns, the rows read in memory order,
- * into partial sums kept in cache, and added into the wide sums once a block. */
-/* 16 KiB per tile of partial sums: whole rows of most (N, C) and NCHW layouts in one tile */
-#define FR_TILE ((ptrdiff_t)(16384 / sizeof(FR_T)))
-#define FR_BLOCK_ROWS 64
-#define FR_MIN_BLOCK_ROWS 4 /* fewer whole rows go row by row */
-
-/* `rows` rows of J <= FR_TILE columns, `L` apart, counted in lanes as wide as the data's (no
- * widening per element); pw, pb and counts start at the first column. */
-static FR_INLINE void FR_FN(fwd_block_t)(int op, const FR_T *x, FR_T *y, ptrdiff_t rows,
-                                        ptrdiff_t J, ptrdiff_t L, const FR_T *pw,
-                                        const FR_T *pb, int64_t *counts, int flags) {
-    FR_LANE_INT c[FR_TILE];
-    for (ptrdiff_t j = 0; j < J; j++) c[j] = 0;
-    for (ptrdiff_t r = 0; r < rows; r++) {
-        const FR_T *xr = x + r * L;
-        FR_T *yr = y + r * L;
-#pragma omp simd
-        for (ptrdiff_t j = 0; j < J; j++) {
-            FR_T v = xr[j];
-            if (flags & FR_BIAS) v = v + pb[j];
-            yr[j] = FR_Y(op, v, pw[j], FR_T, FR_EXPM1);
-            c[j] += v > 0;
-        }
-    }
-    for (ptrdiff_t j = 0; j < J; j++) counts[j] += c[j];
-}
-
-/* n elements that start at column j0 of rows of length L: a first partial row, then (when
- * counting) blocks of whole rows, then row by row. */
+/* n elements that start at column j0 of rows of length L: a first partial row, then row by row. */
 static FR_INLINE void FR_FN(fwd_rows_t)(int op, const FR_T *x, FR_T *y, ptrdiff_t n, ptrdiff_t L,
                                        ptrdiff_t j0, const FR_T *pw, const FR_T *pb,
-                                       int64_t *counts, int flags) {
+                                       FR_LANE_INT *counts, int flags) {
     ptrdiff_t k = 0;
     if (j0) {
         k = L - j0 < n ? L - j0 : n;
         FR_FN(fwd_row_t)(op, x, y, k, pw + j0, pb ? pb + j0 : NULL, counts ? counts + j0 : NULL,
                          flags);
     }
-    if ((flags & FR_COUNT) && n - k >= FR_MIN_BLOCK_ROWS * L)
-        for (ptrdiff_t rows; n - k >= L; k += rows * L) {
-            rows = (n - k) / L < FR_BLOCK_ROWS ? (n - k) / L : FR_BLOCK_ROWS;
-            for (ptrdiff_t t = 0, J; t < L; t += J) {
-                J = L - t < FR_TILE ? L - t : FR_TILE;
-                FR_FN(fwd_block_t)(op, x + k + t, y + k + t, rows, J, L, pw + t,
-                                   pb ? pb + t : NULL, counts + t, flags);
-            }
-        }
     for (ptrdiff_t len; k < n; k += len) {
         len = L < n - k ? L : n - k;
         FR_FN(fwd_row_t)(op, x + k, y + k, len, pw, pb, counts, flags);
@@ -262,7 +224,7 @@ static FR_INLINE void FR_FN(bwd_rows_t)(int op, const FR_T *g, const FR_T *x, FR
 #define FR_FWD_ROWS(OPNAME, OP)                                                                 \
     static void FR_FN(FR_CAT(fwd_rows_, OPNAME))(const void *x, void *y, ptrdiff_t n,           \
                                                 ptrdiff_t L, ptrdiff_t j0, const void *pw,      \
-                                                const void *pb, int64_t *counts) {              \
+                                                const void *pb, void *counts) {                 \
         switch ((counts ? FR_COUNT : 0) | (pb ? FR_BIAS : 0)) {                                 \
         case 0: FR_FN(fwd_rows_t)(OP, x, y, n, L, j0, pw, pb, counts, 0); break;                \
         case FR_COUNT: FR_FN(fwd_rows_t)(OP, x, y, n, L, j0, pw, pb, counts, FR_COUNT); break;  \
@@ -328,9 +290,6 @@ static const fr_loops FR_FN(loops) = {
 #undef FR_BWD_ROWS
 #undef FR_SUMS_WEIGHT
 #undef FR_WEIGHT_TERM
-#undef FR_TILE
-#undef FR_BLOCK_ROWS
-#undef FR_MIN_BLOCK_ROWS
 #undef FR_FN
 
 #endif /* FR_T */
