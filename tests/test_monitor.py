@@ -65,6 +65,34 @@ def test_stats_for_fewer_than_two_dims_is_one_unit():
     assert stats.positive.tolist() == [0] * 5 and stats.per_unit == 0 and stats.sparsity == 0.0
 
 
+@pytest.mark.parametrize("shape,axis", [((23, 100), 1), ((9, 16, 3, 3), 1), ((300, 1000), 1),
+                                        ((5, 7, 64), 2)])
+def test_stats_in_place_count_the_inputs(shape, axis, dtype):
+    """In place, results overwrite the inputs, and with negative parameters (and biases) their signs
+    differ from the inputs': the counts are still of the inputs (rows counted in groups and one
+    by one, first partial rows, both threads)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape).astype(dtype)
+    c = shape[axis]
+    w = np.linspace(-2, 1, c).astype(dtype)
+    b = np.linspace(-0.5, 0.5, c).astype(dtype)
+    view = [1] * len(shape)
+    view[axis] = c
+    cases = [
+        (lambda a: fastrelu.prelu(a, w, axis, out=a, stats=True), lambda a: a),
+        (lambda a: fastrelu.leaky_relu(a, -0.5, axis=axis, out=a, stats=True), lambda a: a),
+        (lambda a: fastrelu.elu(a, -1.0, axis=axis, out=a, stats=True), lambda a: a),
+        (lambda a: fastrelu.bias_activation(a, b, "leaky_relu", -0.5, axis, out=a, stats=True),
+         lambda a: a + b.reshape(view)),
+    ]
+    for run, counted in cases:
+        a = x.copy()
+        expected = expected_counts(counted(x), axis)
+        y, stats = run(a)
+        assert y is a
+        np.testing.assert_array_equal(stats.positive, expected)
+
+
 def test_stats_with_out_and_threads():
     x = np.random.default_rng(2).standard_normal((300, 1000)).astype(np.float32)
     out = np.empty_like(x)
