@@ -1,7 +1,7 @@
 /* The contiguous inner loops, written once.
  *
- * _kernels.h includes this file once per instruction set, with FR_ISA naming it and
- * `#pragma GCC target` set, so that the same source is compiled for AVX-512, AVX2 and the x86-64
+ * _kernels.h includes this file once per instruction set, with FR_ISA naming it, FR_GROUP_WEIGHTS
+ * saying whether its backward gathers weight sums in groups of rows, and `#pragma GCC target` set, so that the same source is compiled for AVX-512, AVX2 and the x86-64
  * baseline.  The file then includes itself once per element type (float, double) to define the
  * loops for FR_T.  Each loop is an always-inline template whose `op` and flag arguments are
  * compile-time constants at every instantiation, so each op gets its own branch-free loop.
@@ -31,12 +31,13 @@ static void FR_CAT(fr_float_to_bf16_, FR_ISA)(const float *src, void *dst, ptrdi
     }
 }
 
-/* Forward rows are counted FR_COUNT_ROWS rows at a time, in a loop of their own before those
- * rows' results (which may overwrite the inputs: in place, and half types computed in their
- * buffer), whose loop then finds the inputs in L1: counts kept in the loop that stores y, updated
- * once per row, took 1.3-1.5x the time at 10^6 elements (2 threads, float32, (N, 100), Intel
- * Xeon, AVX-512 and AVX2), and 1.03-1.08x at STREAM size. */
-#define FR_COUNT_ROWS 4
+/* Forward counts and the weight gradient's sums in a backward gather FR_GROUP_ROWS whole rows at
+ * a time, in a loop of their own before those rows' results (which may overwrite the inputs: in
+ * place, and half types computed in their buffer), whose loop then finds the inputs in L1.  Kept
+ * in the loop that stores the results, updated once per row, counts took 1.3-1.5x the time at
+ * 10^6 elements (2 threads, float32, (N, 100), Intel Xeon, AVX-512 and AVX2), and 1.03-1.08x at
+ * STREAM size. */
+#define FR_GROUP_ROWS 4
 
 #define FR_T float
 #define FR_LANE_INT int32_t
@@ -159,7 +160,7 @@ static FR_INLINE void FR_FN(fwd_row_t)(int op, const FR_T *x, FR_T *y, ptrdiff_t
 }
 
 /* n elements that start at column j0 of rows of length L: a first partial row, then with counts
- * FR_COUNT_ROWS whole rows at a time, then row by row. */
+ * FR_GROUP_ROWS whole rows at a time, then row by row. */
 static FR_INLINE void FR_FN(fwd_rows_t)(int op, const FR_T *x, FR_T *y, ptrdiff_t n, ptrdiff_t L,
                                        ptrdiff_t j0, const FR_T *pw, const FR_T *pb,
                                        FR_LANE_INT *counts, int flags) {
@@ -170,9 +171,9 @@ static FR_INLINE void FR_FN(fwd_rows_t)(int op, const FR_T *x, FR_T *y, ptrdiff_
                          flags);
     }
     if (flags & FR_COUNT)
-        for (; n - k >= FR_COUNT_ROWS * L; k += FR_COUNT_ROWS * L) {
-            FR_FN(count_rows_t)(x + k, L, L, FR_COUNT_ROWS, pb, counts, flags);
-            for (int r = 0; r < FR_COUNT_ROWS; r++)
+        for (; n - k >= FR_GROUP_ROWS * L; k += FR_GROUP_ROWS * L) {
+            FR_FN(count_rows_t)(x + k, L, L, FR_GROUP_ROWS, pb, counts, flags);
+            for (int r = 0; r < FR_GROUP_ROWS; r++)
                 FR_FN(fwd_row_t)(op, x + k + r * L, y + k + r * L, L, pw, pb, NULL,
                                  flags & ~FR_COUNT);
         }
@@ -182,14 +183,28 @@ static FR_INLINE void FR_FN(fwd_rows_t)(int op, const FR_T *x, FR_T *y, ptrdiff_
     }
 }
 
-/* At most one row, each term added straight into the float64 sums: a float32 product is exact
- * in float64, so the sums are the contract's (the sum of the exact products in float64, rounded
- * once at the end).  Compensated float32 pairs were faster in cache but lost low bits of their
- * error term when terms cancelled; the sums in a second loop over the row, as the counts are,
- * were slower (1.06-1.2x). */
+/* The weight gradient's terms of `rows` whole rows of n columns (L apart), added into the float64
+ * sums: a float32 product is exact in float64, so the sums are the contract's (the sum of the
+ * exact products in float64, rounded once at the end). */
+static FR_INLINE void FR_FN(weight_rows_t)(const FR_T *g, const FR_T *x, ptrdiff_t n, ptrdiff_t L,
+                                          int rows, const FR_T *pb, double *sums, int sum) {
+#pragma omp simd
+    for (ptrdiff_t j = 0; j < n; j++) {
+        double terms = 0.0;
+        for (int r = 0; r < rows; r++) {
+            FR_T v = x[r * L + j];
+            if (sum == FR_SUM_BIAS_WEIGHT) v = v + pb[j];
+            terms += FR_WEIGHT_TERM(v, g[r * L + j]);
+        }
+        sums[j] += terms;
+    }
+}
+
+/* At most one row.  The weight gradient's terms, when `weights`, in the same loop, one row at a
+ * time; a bias gradient's always. */
 static FR_INLINE void FR_FN(bwd_row_t)(int op, const FR_T *g, const FR_T *x, FR_T *dx,
                                       ptrdiff_t n, const FR_T *pw, const FR_T *pb, double *sums,
-                                      double *bias_sums, int sum) {
+                                      double *bias_sums, int sum, int weights) {
     const FR_LANE_INT zero = (FR_LANE_INT)fr_opaque_zero;
 #pragma omp simd
     for (ptrdiff_t j = 0; j < n; j++) {
@@ -199,12 +214,15 @@ static FR_INLINE void FR_FN(bwd_row_t)(int op, const FR_T *g, const FR_T *x, FR_
         if (sum == FR_SUM_BIAS_WEIGHT) v = v + pb[j];
         FR_T d = FR_DX(op, v, gj, w, FR_T, FR_EXP, FR_FN(cleared)(gj, zero));
         dx[j] = d;
-        if (FR_SUMS_WEIGHT(sum)) sums[j] += FR_WEIGHT_TERM(v, gj);
+        if (FR_SUMS_WEIGHT(sum) && weights) sums[j] += FR_WEIGHT_TERM(v, gj);
         if (sum == FR_SUM_GRAD) sums[j] += d;
         if (sum == FR_SUM_BIAS_WEIGHT) bias_sums[j] += d;
     }
 }
 
+/* n elements that start at column j0 of rows of length L: a first partial row, then with weight
+ * sums where FR_GROUP_WEIGHTS (the including ISA's choice) FR_GROUP_ROWS whole rows at a time
+ * (their terms first, as the forward's counts), then row by row. */
 static FR_INLINE void FR_FN(bwd_rows_t)(int op, const FR_T *g, const FR_T *x, FR_T *dx,
                                        ptrdiff_t n, ptrdiff_t L, ptrdiff_t j0, const FR_T *pw,
                                        const FR_T *pb, double *sums, double *bias_sums, int sum) {
@@ -212,11 +230,17 @@ static FR_INLINE void FR_FN(bwd_rows_t)(int op, const FR_T *g, const FR_T *x, FR
     if (j0) {
         k = L - j0 < n ? L - j0 : n;
         FR_FN(bwd_row_t)(op, g, x, dx, k, pw + j0, pb ? pb + j0 : NULL, sums ? sums + j0 : NULL,
-                         bias_sums ? bias_sums + j0 : NULL, sum);
+                         bias_sums ? bias_sums + j0 : NULL, sum, 1);
     }
+    if (FR_SUMS_WEIGHT(sum) && FR_GROUP_WEIGHTS)
+        for (; n - k >= FR_GROUP_ROWS * L; k += FR_GROUP_ROWS * L) {
+            FR_FN(weight_rows_t)(g + k, x + k, L, L, FR_GROUP_ROWS, pb, sums, sum);
+            for (ptrdiff_t r = k; r < k + FR_GROUP_ROWS * L; r += L)
+                FR_FN(bwd_row_t)(op, g + r, x + r, dx + r, L, pw, pb, sums, bias_sums, sum, 0);
+        }
     for (ptrdiff_t len; k < n; k += len) {
         len = L < n - k ? L : n - k;
-        FR_FN(bwd_row_t)(op, g + k, x + k, dx + k, len, pw, pb, sums, bias_sums, sum);
+        FR_FN(bwd_row_t)(op, g + k, x + k, dx + k, len, pw, pb, sums, bias_sums, sum, 1);
     }
 }
 
