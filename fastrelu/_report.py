@@ -9,6 +9,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 import warnings
 from typing import Optional
@@ -329,10 +330,15 @@ class Backend:
 
     def stream_elements(self, itemsize):
         """STREAM size: each array 4x the cache (taken as 32 MiB when unknown), held to what
-        memory allows; the report states the multiple of the cache it reached."""
+        memory allows, rounded down to two significant digits then (the memory available moves
+        from run to run, and two runs should time the same size); the report states the
+        multiple of the cache it reached."""
         n = 4 * (self.cache[1] or 32 * 2**20) // itemsize
         limit = self.max_elements(itemsize)
-        return (n if limit is None else min(n, limit)) // 1000 * 1000
+        if limit is not None and limit < n:
+            unit = 10 ** max(len(str(limit)) - 2, 3)
+            return limit // unit * unit
+        return n // 1000 * 1000
 
 
 def size_plan(sizes, dtypes, backend):
@@ -592,6 +598,47 @@ def sample(fn, calls, timing):
     return best
 
 
+SETTLE_POLL, SETTLE_LIMIT = 0.0002, 0.02  # seconds
+_RESTLESS = set()  # threads that were still running after SETTLE_LIMIT: not waited for again
+
+
+def _running_threads():
+    """The ids of this process's threads other than the caller's (and _RESTLESS) that are running
+    (state R); empty where /proc cannot tell."""
+    me = str(threading.get_native_id())
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return set()
+    running = set()
+    for tid in tasks:
+        if tid == me or tid in _RESTLESS:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                state = f.read().rpartition(")")[2].split(None, 1)[0]
+        except (OSError, IndexError):
+            continue  # a thread that ended
+        if state == "R":
+            running.add(tid)
+    return running
+
+
+def settle():
+    """Waits until no other thread of this process is running, up to SETTLE_LIMIT.  Thread pools
+    spin a while after their work before they sleep: PyTorch's OpenMP threads for milliseconds
+    (libgomp's GOMP_SPINCOUNT pauses), and a sample taken then shares a core with them
+    (fastrelu's relu at 10^5 on two threads took 1.7x its time right after a PyTorch sample, at
+    10^6 2.2x).  Each sample starts without them, as in a program that calls one library at a
+    time.  A thread that runs on past the limit is not waited for again."""
+    end = time.perf_counter() + SETTLE_LIMIT
+    while running := _running_threads():
+        if time.perf_counter() >= end:
+            _RESTLESS.update(running)
+            return
+        time.sleep(SETTLE_POLL)
+
+
 def interleaved_samples(impls, timing, calibration, first_round=0):
     """{key: [seconds per call, one sample per round]}, with `calibration` from calls_per_batch,
     the rounds numbered from `first_round` (the group's rounds so far).
@@ -610,6 +657,7 @@ def interleaved_samples(impls, timing, calibration, first_round=0):
             break
         for key in keys if (first_round + r) % 2 == 0 else reversed(keys):
             once, calls = calibration[key]
+            settle()
             if once < timing.min_time or (r == 0 and once < WARM_TIME):
                 impls[key]()
             samples[key].append(sample(impls[key], calls, timing))

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 import types
 
@@ -51,6 +52,49 @@ def test_stream_size_is_several_times_the_cache():
     llc = _report.last_level_cache_bytes()
     memory = _report.available_memory_bytes()
     assert n == 4 * (llc or 2**25) // 4 // 1000 * 1000 or n * 4 * 11 <= memory * 0.7 + 4000
+
+
+def test_stream_size_held_by_memory_is_the_same_in_two_runs():
+    """Where memory holds STREAM size down, the available memory moves a little from run to run;
+    the size, rounded to two significant digits, does not."""
+    backend = bench.cpu_backend()
+    big = dataclasses.replace(backend, cache=("L3", 480 * 2**20))
+    sizes = {dataclasses.replace(big, memory=("RAM", m)).stream_elements(4)
+             for m in (22.80e9, 22.85e9, 22.90e9)}
+    assert len(sizes) == 1
+    (n,) = sizes
+    limit = dataclasses.replace(big, memory=("RAM", 22.80e9)).max_elements(4)
+    assert n <= limit and n >= limit * 0.9 and str(n).rstrip("0") == str(n)[:2].rstrip("0")
+    # not held by memory: 4x the cache, as before
+    assert dataclasses.replace(big, memory=("RAM", 1e12)).stream_elements(4) == 4 * 480 * 2**20 \
+        // 4 // 1000 * 1000
+
+
+def test_samples_wait_for_other_threads_to_stop_spinning():
+    """A thread pool still spinning after its work (as PyTorch's OpenMP threads do) would share
+    a core with the next sample: settle() waits for it, and stops waiting for a thread that
+    never stops."""
+    def spin(seconds):  # in NumPy's loops, which release the GIL
+        a = np.ones(200_000)
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            np.sqrt(a, out=a)
+    short = threading.Thread(target=spin, args=(0.01,))
+    short.start()
+    time.sleep(0.002)
+    _report.settle()
+    assert not _report._running_threads()
+    short.join()
+    endless = threading.Thread(target=spin, args=(1.0,))
+    endless.start()
+    time.sleep(0.002)
+    start = time.perf_counter()
+    _report.settle()
+    assert time.perf_counter() - start < 10 * _report.SETTLE_LIMIT
+    start = time.perf_counter()
+    _report.settle()  # not waited for again
+    assert time.perf_counter() - start < _report.SETTLE_LIMIT / 2
+    endless.join()
 
 
 def test_baselines_compute_the_same_thing():
