@@ -1,9 +1,9 @@
 /* The contiguous inner loops, written once.
  *
  * _kernels.h includes this file once per instruction set, with FR_ISA naming it, FR_GROUP_WEIGHTS
- * saying whether its backward gathers weight sums in groups of rows, and `#pragma GCC target` set, so that the same source is compiled for AVX-512, AVX2 and the x86-64
- * baseline.  The file then includes itself once per element type (float, double) to define the
- * loops for FR_T.  Each loop is an always-inline template whose `op` and flag arguments are
+ * saying whether its backward gathers weight sums in groups of rows, and `#pragma GCC target`
+ * set, so that the same source is compiled for AVX-512, AVX2 and the x86-64 baseline.  The file
+ * then includes itself once per element type (float, double) to define the loops for FR_T.  Each loop is an always-inline template whose `op` and flag arguments are
  * compile-time constants at every instantiation, so each op gets its own branch-free loop.
  *
  * "flat" loops give every element the same parameter p; "rows" loops give element k the
