@@ -9,6 +9,7 @@ import pytest
 import fastrelu
 from fastrelu import reference
 from helpers import DTYPES, assert_bitwise
+from test_prelu import _bias_prelu_reference
 
 
 def in_layout(a, order):
@@ -137,3 +138,67 @@ def test_size_one_axes_and_a_batch_of_one():
     assert_bitwise(fastrelu.prelu(x, w), reference.prelu(x, w))
     y = fastrelu.relu(np.ones((1, 5), np.float32))
     assert y.flags.c_contiguous
+
+
+def weight_grad_close(actual, expected, sizes, count):
+    """A gradient summed in float64 and rounded once to its dtype: within a rounding of the
+    reference's, plus two float64 sums' worst rounding errors over `count` terms of total size
+    `sizes` (per channel)."""
+    a, e = actual.astype(np.float64), expected.astype(np.float64)
+    tol = {2: 2e-3, 4: 2e-7, 8: 0.0}[actual.dtype.itemsize]
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(e))
+    with np.errstate(invalid="ignore"):  # infinite sums: compared equal instead
+        bound = tol * np.abs(e) + 2 * count * 2.0**-53 * sizes
+        wrong = ~(np.isnan(e) | (a == e) | (np.abs(a - e) <= bound))
+    assert not wrong.any(), f"{a[wrong][:5]} != {e[wrong][:5]}"
+
+
+# Rows wider than the kernels' stripes (8192 columns): one row, a few, many; rows repeating the
+# channels (5 x 8193 and 2 x 9000 are each laid out as one row of all the periods); one channel
+# per element beyond the longest row of repeated parameters (2^20 + 3 channels: the channels'
+# own row); and a row beyond the streamed-store threshold (64 MiB of float32)
+WIDE = [((1, 20000), 1), ((3, 20000), 1), ((300, 10000), 1), ((5, 8193), 1), ((2, 9000, 1), 1),
+        ((2, 1 << 20 | 3), 1), ((1, 1 << 24 | 5), 1)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape,axis", WIDE, ids=[str(s) for s, _ in WIDE])
+def test_wide_rows(shape, axis, threads):
+    """Statistics, PReLU and biases on rows cut into stripes of columns: each column's parameter,
+    count and sums, on one thread and two, with dx written over x."""
+    big = np.prod(shape) > 1 << 22
+    dtypes = [np.float32] if big else DTYPES
+    previous = fastrelu.get_num_threads()
+    fastrelu.set_num_threads(threads)
+    try:
+        for dtype in dtypes:
+            x, g = sample(shape, dtype), sample(shape, dtype, seed=1)
+            c = shape[axis]
+            w = np.linspace(-0.5, 0.5, c).astype(dtype)
+            b = np.linspace(-1, 1, c).astype(dtype)
+            others = tuple(d for d in range(len(shape)) if d != axis)
+            y, stats = fastrelu.prelu(x, w, axis, stats=True)
+            assert_bitwise(y, reference.prelu(x, w, axis))
+            np.testing.assert_array_equal(stats.positive, (x > 0).sum(axis=others))
+            y, stats = fastrelu.leaky_relu(x, 0.1, axis=axis, stats=True)
+            assert_bitwise(y, reference.leaky_relu(x, 0.1))
+            np.testing.assert_array_equal(stats.positive, (x > 0).sum(axis=others))
+            ref_dx, ref_dw = reference.prelu_backward(g, x, w, axis)
+            count = x.size // c
+            sizes = np.abs(g.astype(np.float64) * x.astype(np.float64)).sum(axis=others)
+            xi = x.copy()
+            dx, dw = fastrelu.prelu_backward(g, xi, w, axis, out=(xi, None))
+            assert dx is xi
+            assert_bitwise(dx, ref_dx)
+            weight_grad_close(dw, ref_dw, sizes, count)
+            if big:
+                continue
+            z, ref_dx, ref_db, ref_dw = _bias_prelu_reference(g, x, b, w, axis)
+            dx, db, dw = fastrelu.bias_prelu_backward(g, x, b, w, axis)
+            assert_bitwise(dx, ref_dx)
+            sizes = np.abs(g.astype(np.float64) * z.astype(np.float64)).sum(axis=others)
+            weight_grad_close(dw, ref_dw.astype(dtype), sizes, count)
+            sizes = np.abs(ref_dx.astype(np.float64)).sum(axis=others)
+            weight_grad_close(db, ref_db.astype(dtype), sizes, count)
+    finally:
+        fastrelu.set_num_threads(previous)
