@@ -582,8 +582,6 @@ static void fr_store_sums(int dt, void *dst, const char *totals, ptrdiff_t C) {
 #define FR_MIN_RUN 256
 #define FR_MIN_ROW 256
 #define FR_MAX_ROW ((ptrdiff_t)1 << 20)
-/* Runs of one element (inner == 1) are always rows: their parameters are the channels' own, read
- * as they are, however many (a run per element would cost a call per element). */
 
 /* Chunks per thread: a thread the OS deschedules mid-chunk keeps the others waiting for at most
  * one chunk, and the caller takes over the chunks of a thread that never starts. */
@@ -617,8 +615,9 @@ static int fr_chunks_for(ptrdiff_t n, int nt, size_t sum_len) {
 #define FR_MIN_STRIPE 1024
 static int fr_stripes_for(ptrdiff_t n, ptrdiff_t L, int nt) {
     if (n / (16 * L) >= 2 * (ptrdiff_t)nt) return 0;
-    const ptrdiff_t most = (ptrdiff_t)nt * FR_CHUNKS_PER_THREAD, cached = (L + FR_STRIPE_COLS - 1) / FR_STRIPE_COLS;
-    ptrdiff_t stripes = nt == 1 ? 1 : (L / FR_MIN_STRIPE < most ? L / FR_MIN_STRIPE : most) / nt * nt;
+    const ptrdiff_t most = (ptrdiff_t)nt * FR_CHUNKS_PER_THREAD;
+    const ptrdiff_t cached = (L + FR_STRIPE_COLS - 1) / FR_STRIPE_COLS, wide = L / FR_MIN_STRIPE;
+    ptrdiff_t stripes = nt == 1 ? 1 : (wide < most ? wide : most) / nt * nt;
     stripes = cached > stripes ? cached : stripes;
     if (stripes < 2 || stripes < nt) return 0;
     return stripes < FR_MAX_CHUNKS ? (int)stripes : FR_MAX_CHUNKS;
@@ -642,8 +641,8 @@ static void fr_run_stripe(const fr_job *job, ptrdiff_t c0, ptrdiff_t c1, void *s
     for (ptrdiff_t row = 0; row < job->n; row += job->L) {
         const ptrdiff_t end = row + c1 < job->n ? row + c1 : job->n;
         if (row + c0 < end)
-            fr_run_stretch(job, row + c0, end - row - c0, 0.0, 0.0, 0, lanes ? (void *)lanes : sums,
-                           bias_sums);
+            fr_run_stretch(job, row + c0, end - row - c0, 0.0, 0.0, 0,
+                           lanes ? (void *)lanes : sums, bias_sums);
     }
     if (lanes) fr_add_lanes((int64_t *)sums + c0, lanes + c0, c1 - c0, 1, 0);
 }
@@ -659,9 +658,9 @@ static void fr_run_chunk(void *arg, int chunk) {
             memset(split->lanes + a, 0, (size_t)(b - a) * 4);
         else if (sums)
             memset(sums + a * 8, 0, (size_t)(b - a) * 8);
-        if (split->with_bias_grad) memset(sums + split->region + a * 8, 0, (size_t)(b - a) * 8);
-        fr_run_stripe(job, a, b, sums, split->with_bias_grad ? (double *)(sums + split->region) : NULL,
-                      split->lanes);
+        double *bias_sums = split->with_bias_grad ? (double *)(sums + split->region) : NULL;
+        if (bias_sums) memset(bias_sums + a, 0, (size_t)(b - a) * 8);
+        fr_run_stripe(job, a, b, sums, bias_sums, split->lanes);
         if (job->stream) _mm_sfence();
         return;
     }
@@ -699,6 +698,8 @@ static int fr_run(fr_job *job) {
     if (job->C == 1) job->inner = job->n; /* one channel: a single run, whatever the shape */
     const ptrdiff_t period = job->C * job->inner;
     char *rows = NULL; /* the rows layout's parameters and biases that need a row of their own */
+    /* runs of one element are rows however many channels: their parameters are read as they
+     * are, and a run per element would cost a call per element */
     if ((job->pw || job->bias || want) && job->inner < FR_MIN_RUN &&
         (period <= FR_MAX_ROW || job->inner == 1)) {
         ptrdiff_t L = period; /* repeated no further than the data, nor FR_MAX_ROW, reach */
