@@ -689,9 +689,13 @@ static int fr_run(fr_job *job) {
     const int with_bias_grad = job->backward && want && job->sum == FR_SUM_BIAS_WEIGHT;
     if (job->n == 0) {
         if (job->counts) memset(job->counts, 0, (size_t)job->C * sizeof(int64_t));
-        for (ptrdiff_t c = 0; want && job->backward && c < job->C; c++) {
-            if (c == 0 || !fr_shared_weight_sum(job)) fr_store(dt, job->param_grad, c, 0.0);
-            if (with_bias_grad) fr_store(dt, job->bias_grad, c, 0.0);
+        if (want && job->backward) {
+            const int shared = fr_shared_weight_sum(job); /* a sum over no units at all is 0 too */
+            if (shared) fr_store(dt, job->param_grad, 0, 0.0);
+            for (ptrdiff_t c = 0; c < job->C; c++) {
+                if (!shared) fr_store(dt, job->param_grad, c, 0.0);
+                if (with_bias_grad) fr_store(dt, job->bias_grad, c, 0.0);
+            }
         }
         return 0;
     }

@@ -179,14 +179,14 @@ def _bias_prelu_reference(g, x, b, w, axis):
     wide = np.float64 if x.dtype == np.float64 else np.float32
     z = x.astype(wide) + b.astype(wide).reshape(shape)
     dz, dw = reference.prelu_backward(g.astype(wide), z, w.astype(wide), axis)
-    db = np.moveaxis(dz.astype(np.float64), axis, 0).reshape(x.shape[axis], -1).sum(axis=1)
+    db = np.moveaxis(dz.astype(np.float64), axis, 0).sum(axis=tuple(range(1, x.ndim)))
     return z, dz.astype(x.dtype), db, dw
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shape,axis", [((64, 100), 1), ((4, 8, 300), 1), ((5, 7), 0),
                                         ((3, 4, 5, 6), 1), ((40, 64, 4, 4), 1),
-                                        ((3, 0, 4), 2)])
+                                        ((3, 0, 4), 2), ((2, 0), 1), ((0, 3), 0)])
 @pytest.mark.parametrize("shared", [False, True], ids=["per_unit", "shared"])
 def test_bias_prelu_forward_and_backward(shape, axis, shared, dtype):
     rng = np.random.default_rng(3)
@@ -204,6 +204,22 @@ def test_bias_prelu_forward_and_backward(shape, axis, shared, dtype):
     tol = 2e-3 if dtype == np.float16 else 1e-5
     np.testing.assert_allclose(db, ref_db, rtol=tol, atol=tol)
     np.testing.assert_allclose(dw, ref_dw, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("shape,axis", [((2, 0), 1), ((0, 3), -2), ((0,), 0), ((0, 3), 1)])
+@pytest.mark.parametrize("weight_shape", [(), (1,)])
+def test_gradients_over_no_elements_are_zero(shape, axis, weight_shape):
+    # a sum over nothing is 0 whether or not there are units to sum for
+    x = np.empty(shape, np.float32)
+    b = np.full(shape[axis], 5.0, np.float32)
+    w = np.full(weight_shape, 0.25, np.float32)
+    outs = (None, np.full_like(b, 7.0), np.full_like(w, 7.0))
+    _, db, dw = fastrelu.bias_prelu_backward(x, x, b, w, axis, out=outs)
+    assert db is outs[1] and dw is outs[2]
+    assert db.tolist() == [0.0] * shape[axis] and dw.tolist() == np.zeros(weight_shape).tolist()
+    dw = np.full_like(w, 7.0)
+    assert fastrelu.prelu_backward(x, x, w, axis, out=(None, dw))[1] is dw
+    assert dw.tolist() == np.zeros(weight_shape).tolist()
 
 
 def test_bias_prelu_on_two_threads_and_into_outputs():
